@@ -1,0 +1,45 @@
+"""codestation: OpenCode coding agents in sandboxes, one per workspace, reachable in seconds.
+
+The public face is the Python client and the settings; everything else may change.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("codestation")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+from codestation.client import Client
+from codestation.config import EnvironmentProfile, Settings
+from codestation.errors import (
+    BadRequest,
+    CodestationError,
+    NoFreePort,
+    RuntimeUnavailable,
+    SessionNotFound,
+    StartFailed,
+    Unavailable,
+    UnknownEnvironment,
+    WorkspaceRejected,
+)
+from codestation.schemas import SessionInfo
+from codestation.sessions import Status
+
+__all__ = [
+    "BadRequest",
+    "Client",
+    "CodestationError",
+    "EnvironmentProfile",
+    "NoFreePort",
+    "RuntimeUnavailable",
+    "SessionInfo",
+    "SessionNotFound",
+    "Settings",
+    "StartFailed",
+    "Status",
+    "Unavailable",
+    "UnknownEnvironment",
+    "WorkspaceRejected",
+    "__version__",
+]

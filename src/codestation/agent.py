@@ -1,0 +1,129 @@
+"""OpenCode, the agent every session runs: its binary, its command line, its environment and
+the probe that says it is ready.
+
+The binary is the pinned `opencode-ai` release from npm, installed once per version under the
+cache directory (`npm` must be on PATH), unless `opencode_binary` names one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import httpx
+
+from codestation.config import EnvironmentProfile, Settings
+from codestation.errors import RuntimeUnavailable
+
+USERNAME = "opencode"
+# Where OpenCode listens inside a container; the runtime publishes it on the leased host port.
+CONTAINER_PORT = 8080
+# Keep a session off the network for things it does not need: updates, model lists, sharing.
+OFFLINE_ENV = {
+    "OPENCODE_DISABLE_AUTOUPDATE": "1",
+    "OPENCODE_DISABLE_MODELS_FETCH": "1",
+    "OPENCODE_DISABLE_SHARE": "1",
+    "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+}
+
+_install_lock = threading.Lock()
+
+
+def serve_command(hostname: str, port: int, binary: str = "opencode") -> list[str]:
+    # `opencode serve` takes no directory: it serves its working directory. Its log goes to
+    # stderr so that the session's `logs` show what it did.
+    return [binary, "serve", "--port", str(port), "--hostname", hostname, "--print-logs",
+            "--log-level", "INFO"]  # fmt: skip
+
+
+def agent_env(password: str, profile: EnvironmentProfile) -> dict[str, str]:
+    """The environment OpenCode runs with. The profile cannot override the credentials."""
+    env = {**OFFLINE_ENV, **profile.env}
+    if profile.opencode_config:
+        env["OPENCODE_CONFIG_CONTENT"] = json.dumps(profile.opencode_config)
+    env["OPENCODE_SERVER_USERNAME"] = USERNAME
+    env["OPENCODE_SERVER_PASSWORD"] = password
+    return env
+
+
+async def is_healthy(client: httpx.AsyncClient, url: str, password: str, seconds: float) -> bool:
+    """One probe of `/global/health`, bounded by `seconds` (a connect can hang on docker-proxy)."""
+    try:
+        response = await client.get(
+            f"{url}/global/health", auth=(USERNAME, password), timeout=seconds
+        )
+    except httpx.HTTPError:
+        return False
+    if response.status_code != 200:
+        return False
+    try:
+        return bool(response.json().get("healthy"))
+    except ValueError:
+        return False
+
+
+def _npm_platform_package() -> str:
+    arch = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        platform.machine().lower()
+    )
+    if arch is None or platform.system() != "Linux":
+        raise RuntimeUnavailable(
+            f"no OpenCode build for {platform.system()} {platform.machine()}; "
+            "set opencode_binary to an OpenCode binary for this machine."
+        )
+    return f"opencode-linux-{arch}"
+
+
+def opencode_binary(settings: Settings) -> Path:
+    """The OpenCode binary sessions run, installing the pinned version from npm on first need."""
+    if settings.opencode_binary is not None:
+        if not os.access(settings.opencode_binary, os.X_OK):
+            raise RuntimeUnavailable(
+                f"opencode_binary {settings.opencode_binary} is not an executable file."
+            )
+        return settings.opencode_binary
+    version = settings.opencode_version
+    target = settings.cache_dir / "opencode" / version / "opencode"
+    with _install_lock:
+        if target.is_file():
+            return target
+        _install(version, target)
+    return target
+
+
+def _install(version: str, target: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeUnavailable(
+            "npm is needed to install OpenCode; install Node.js and npm, "
+            "or set opencode_binary to an OpenCode binary."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".install-") as tmp:
+        result = subprocess.run(
+            [npm, "install", "--prefix", tmp, "--no-save", "--no-package-lock", "--no-audit",
+             "--no-fund", "--ignore-scripts", f"opencode-ai@{version}"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        built = Path(tmp) / "node_modules" / _npm_platform_package() / "bin" / "opencode"
+        if result.returncode != 0 or not built.is_file():
+            raise RuntimeUnavailable(
+                f"installing opencode-ai@{version} from npm failed; check that the npm registry "
+                f"is reachable. npm said: {result.stderr.strip()[-800:]}"
+            )
+        built.chmod(0o755)
+        # Rename within one file system, so a concurrent reader never sees half a binary.
+        os.replace(built, target)
+
+
+def binary_version(binary: Path) -> str:
+    result = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=30
+    )
+    return result.stdout.strip()

@@ -1,0 +1,103 @@
+"""The FastAPI application: its lifespan, and the one place errors become HTTP answers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from codestation import __version__
+from codestation.api.routes import router
+from codestation.config import Settings
+from codestation.errors import CodestationError
+from codestation.manager import SessionManager
+from codestation.runtimes import make_runtime
+from codestation.store import Store
+
+log = logging.getLogger("codestation")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store(settings.db_path)
+        manager = SessionManager(settings, store, make_runtime(settings))
+        try:
+            await manager.open()
+        except BaseException:
+            store.close()
+            raise
+        app.state.manager = manager
+        log.info("codestation %s: runtime %s, data in %s", __version__,
+                 manager.runtime.name, settings.data_dir)  # fmt: skip
+        try:
+            yield
+        finally:
+            await manager.close()
+            store.close()
+
+    app = FastAPI(
+        title="codestation",
+        version=__version__,
+        summary="OpenCode coding agents in sandboxes, one per workspace.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(router)
+    app.add_exception_handler(CodestationError, _codestation_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status_code=status)
+
+
+async def _codestation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CodestationError)
+    if exc.status_code >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return _error(exc.status_code, str(exc), exc.code)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors: list[dict[str, Any]] = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return _error(
+            400,
+            "the request body is not valid JSON; send an object such as "
+            '{"workspace": "/home/me/project", "environment": "default"}.',
+            "malformed_json",
+        )
+    problems = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "request body"
+        problems.append(f"{where}: {e.get('msg', 'invalid')}")
+    return _error(422, "invalid request: " + "; ".join(problems) + ".", "invalid_request")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = (
+        f"there is no {request.method} {request.url.path}; see /docs for the API."
+        if exc.status_code in codes
+        else str(exc.detail)
+    )
+    return _error(exc.status_code, message, codes.get(exc.status_code, "http_error"))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return _error(500, f"internal error: {exc!r}; see the service log.", "internal_error")

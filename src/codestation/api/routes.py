@@ -1,0 +1,113 @@
+"""`/api/v1/code/...`: validate, call the SessionManager, shape the answer. No logic here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from codestation import __version__
+from codestation.manager import SessionManager
+from codestation.schemas import (
+    Auth,
+    ErrorBody,
+    Health,
+    SessionInfo,
+    SessionList,
+    StartRequest,
+    StartResponse,
+    StopAllResponse,
+)
+from codestation.sessions import Session, Status
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 422, 503)
+}
+
+router = APIRouter()
+code = APIRouter(prefix="/api/v1/code", tags=["sessions"], responses=ERRORS)
+
+
+def get_manager(request: Request) -> SessionManager:
+    manager: SessionManager = request.app.state.manager
+    return manager
+
+
+Manager = Annotated[SessionManager, Depends(get_manager)]
+
+
+def info(manager: SessionManager, s: Session) -> SessionInfo:
+    return SessionInfo(
+        id=s.id,
+        status=s.status,
+        runtime=s.runtime,
+        url=manager.url(s) if s.status is Status.RUNNING else None,
+        port=s.port,
+        workspace=str(s.workspace),
+        environment=s.environment,
+        created_at=s.created_at,
+        started_at=s.started_at,
+        stopped_at=s.stopped_at,
+        error=s.error,
+        step=s.step,
+        auth=Auth(username=s.username, password=s.password),
+    )
+
+
+@code.post("/start", status_code=202, response_model=StartResponse)
+async def start(body: StartRequest, manager: Manager) -> StartResponse:
+    """Start a session; it answers at once with `starting`, poll the session to see it run."""
+    session = await manager.start(body.workspace, body.environment)
+    return StartResponse(session_id=session.id, **info(manager, session).model_dump())
+
+
+@code.get("/sessions", response_model=SessionList)
+async def sessions(manager: Manager) -> SessionList:
+    return SessionList(sessions=[info(manager, s) for s in manager.sessions()])
+
+
+@code.get("/session/{session_id}", response_model=SessionInfo)
+async def session(session_id: str, manager: Manager) -> SessionInfo:
+    return info(manager, manager.get(session_id))
+
+
+@code.get("/session/{session_id}/logs", response_class=PlainTextResponse)
+async def logs(
+    session_id: str,
+    manager: Manager,
+    tail: Annotated[int, Query(ge=1, le=10000, description="How many last lines.")] = 200,
+    follow: Annotated[bool, Query(description="Keep streaming new output.")] = False,
+) -> Response:
+    """The agent's output (OpenCode's log); a stopped session keeps its last lines."""
+    if follow:
+        manager.get(session_id)  # a 404 before the stream begins
+        return StreamingResponse(manager.follow(session_id, tail), media_type="text/plain")
+    return PlainTextResponse(await manager.logs(session_id, tail))
+
+
+@code.post("/session/{session_id}/stop", response_model=SessionInfo)
+async def stop(session_id: str, manager: Manager) -> SessionInfo:
+    """Stop the session and remove its sandbox; its workspace is left as it is."""
+    return info(manager, await manager.stop(session_id))
+
+
+@code.delete("/session/{session_id}", status_code=204)
+async def delete(session_id: str, manager: Manager) -> Response:
+    """Stop the session and forget it."""
+    await manager.delete(session_id)
+    return Response(status_code=204)
+
+
+@code.post("/stop", response_model=StopAllResponse)
+async def stop_all(manager: Manager) -> StopAllResponse:
+    """Stop every live session."""
+    return StopAllResponse(stopped=[info(manager, s) for s in await manager.stop_all()])
+
+
+@router.get("/healthz", response_model=Health, tags=["service"])
+async def healthz(manager: Manager) -> Health:
+    return Health(ok=True, runtime=manager.runtime.name, version=__version__)
+
+
+router.include_router(code)

@@ -1,0 +1,237 @@
+"""The `codestation` command: run the service, and drive it from a shell."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from codestation.client import DEFAULT_URL, Client
+from codestation.config import Settings, config_file_path, masked
+from codestation.errors import CodestationError
+from codestation.schemas import SessionInfo
+from codestation.sessions import Status
+
+app = typer.Typer(
+    help="OpenCode coding agents in sandboxes, one per workspace.", no_args_is_help=True
+)
+image_app = typer.Typer(help="The sandbox image Docker sessions run.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+out = Console()
+err = Console(stderr=True)
+
+UrlOption = Annotated[
+    str, typer.Option("--url", envvar="CODESTATION_URL", help="Where the service answers.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+STATUS_STYLE = {
+    Status.STARTING: "yellow",
+    Status.RUNNING: "green",
+    Status.STOPPING: "yellow",
+    Status.STOPPED: "dim",
+    Status.FAILED: "red",
+}
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _age(session: SessionInfo) -> str:
+    seconds = int((datetime.now(UTC) - session.created_at).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _print_session(session: SessionInfo) -> None:
+    style = STATUS_STYLE[session.status]
+    state = f"[{style}]{session.status}[/{style}]"
+    out.print(f"[bold]{session.id}[/bold]  {state}  ({session.runtime})")
+    out.print(f"  workspace    {session.workspace}  [dim]environment {session.environment}[/dim]")
+    if session.url:
+        out.print(f"  url          {session.url}")
+        out.print(f"  username     {session.auth.username}")
+        out.print(f"  password     {session.auth.password}")
+    elif session.step:
+        out.print(f"  step         {session.step}")
+    if session.error:
+        out.print(f"  [red]error[/red]        {session.error}", highlight=False)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+) -> None:
+    """Run the codestation service (the API on http://127.0.0.1:8585 by default)."""
+    import uvicorn
+
+    from codestation.api import create_app
+
+    settings = Settings()
+    settings.host = host or settings.host
+    settings.port = port or settings.port
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)]
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+@app.command()
+def start(
+    workspace: Annotated[Path, typer.Argument(help="The directory the agent works in.")],
+    environment: Annotated[str, typer.Option("--environment", "-e")] = "default",
+    wait: Annotated[bool, typer.Option(help="Wait until OpenCode answers.")] = True,
+    url: UrlOption = DEFAULT_URL,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a session on WORKSPACE and (by default) wait until it runs."""
+    with Client(url) as client:
+        try:
+            session: SessionInfo = client.start(str(workspace.absolute()), environment)
+            if wait:
+                with err.status(f"starting {session.id}") as status:
+                    session = client.wait(
+                        session.id,
+                        on_update=lambda s: status.update(f"{s.id}: {s.step or s.status}"),
+                    )
+        except CodestationError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        out.print_json(session.model_dump_json())
+    else:
+        _print_session(session)
+    if session.status is Status.FAILED:
+        raise typer.Exit(1)
+
+
+@app.command("ls")
+def list_sessions(url: UrlOption = DEFAULT_URL, as_json: JsonOption = False) -> None:
+    """List sessions."""
+    with Client(url) as client:
+        try:
+            sessions = client.sessions()
+        except CodestationError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        out.print_json(json.dumps([json.loads(s.model_dump_json()) for s in sessions]))
+        return
+    table = Table("ID", "STATUS", "RUNTIME", "URL", "WORKSPACE", "ENV", "AGE", box=None)
+    for s in sessions:
+        style = STATUS_STYLE[s.status]
+        table.add_row(
+            s.id, f"[{style}]{s.status}[/{style}]", s.runtime, s.url or "-", s.workspace,
+            s.environment, _age(s),
+        )  # fmt: skip
+    out.print(table)
+
+
+@app.command()
+def status(session_id: str, url: UrlOption = DEFAULT_URL, as_json: JsonOption = False) -> None:
+    """Show one session, with its URL and credentials."""
+    with Client(url) as client:
+        try:
+            session = client.session(session_id)
+        except CodestationError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        out.print_json(session.model_dump_json())
+    else:
+        _print_session(session)
+
+
+@app.command()
+def logs(
+    session_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    tail: Annotated[int, typer.Option("--tail", "-n", help="How many last lines.")] = 200,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Print a session's OpenCode log."""
+    with Client(url) as client:
+        try:
+            if follow:
+                for text in client.follow_logs(session_id, tail):
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            else:
+                sys.stdout.write(client.logs(session_id, tail))
+        except CodestationError as exc:
+            raise _fail(str(exc)) from None
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def stop(
+    session_id: Annotated[str | None, typer.Argument()] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every live session.")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Stop a session (or --all); its workspace is left as it is."""
+    if (session_id is None) == (not all_):
+        raise _fail("give a session id, or --all (not both).")
+    with Client(url) as client:
+        try:
+            stopped = client.stop_all() if all_ else [client.stop(session_id or "")]
+        except CodestationError as exc:
+            raise _fail(str(exc)) from None
+    for s in stopped:
+        out.print(f"{s.id} {s.status}")
+
+
+@app.command("rm")
+def remove(session_id: str, url: UrlOption = DEFAULT_URL) -> None:
+    """Stop a session and forget it."""
+    with Client(url) as client:
+        try:
+            client.delete(session_id)
+        except CodestationError as exc:
+            raise _fail(str(exc)) from None
+    out.print(f"{session_id} removed")
+
+
+@app.command()
+def config() -> None:
+    """Print the effective configuration (secrets masked) and where it came from."""
+    settings = Settings()
+    source = config_file_path()
+    err.print(f"config file: {source or 'none'}; CODESTATION_* variables override it")
+    out.print_json(json.dumps(masked(settings.model_dump(mode="json"))))
+
+
+@image_app.command("build")
+def image_build() -> None:
+    """Build the sandbox image now (it is also built on first need), showing progress."""
+    from codestation.errors import RuntimeUnavailable
+    from codestation.image import ensure_image, image_tag
+    from codestation.runtimes.docker import DockerRuntime
+
+    settings = Settings()
+    runtime = DockerRuntime(settings)
+    try:
+        with err.status(f"building {image_tag(settings)}") as progress:
+            tag = ensure_image(
+                runtime.client, settings, lambda line: progress.update(line[:120] or "...")
+            )
+    except (CodestationError, RuntimeUnavailable) as exc:
+        raise _fail(str(exc)) from None
+    out.print(tag)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,85 @@
+"""Every error codestation raises on purpose, drawn once.
+
+    CodestationError                  500 internal_error
+    ├── SessionNotFound               404 session_not_found
+    ├── BadRequest                    400 bad_request
+    │   ├── WorkspaceRejected         400 workspace_rejected
+    │   └── UnknownEnvironment        400 unknown_environment
+    ├── Unavailable                   503 unavailable
+    │   ├── NoFreePort                503 no_free_port
+    │   └── RuntimeUnavailable        503 runtime_unavailable
+    └── StartFailed                   (a session's failure reason, never an HTTP answer)
+        ├── StartTimeout
+        ├── AgentExited
+        └── ImageBuildFailed
+
+Each class carries the HTTP status and the machine-readable code the API answers with;
+`codestation.api.app` maps them to `{"error": str(exc), "code": exc.code}` in one handler.
+The message is a sentence for the person who must fix the problem: say what to do.
+The Python client raises the same classes, rebuilt from the answer's `code`.
+"""
+
+from __future__ import annotations
+
+
+class CodestationError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+
+
+class SessionNotFound(CodestationError):
+    status_code = 404
+    code = "session_not_found"
+
+
+class BadRequest(CodestationError):
+    status_code = 400
+    code = "bad_request"
+
+
+class WorkspaceRejected(BadRequest):
+    code = "workspace_rejected"
+
+
+class UnknownEnvironment(BadRequest):
+    code = "unknown_environment"
+
+
+class Unavailable(CodestationError):
+    status_code = 503
+    code = "unavailable"
+
+
+class NoFreePort(Unavailable):
+    code = "no_free_port"
+
+
+class RuntimeUnavailable(Unavailable):
+    code = "runtime_unavailable"
+
+
+class StartFailed(CodestationError):
+    code = "start_failed"
+
+
+class StartTimeout(StartFailed):
+    code = "start_timeout"
+
+
+class AgentExited(StartFailed):
+    code = "agent_exited"
+
+
+class ImageBuildFailed(StartFailed):
+    code = "image_build_failed"
+
+
+def error_for_code(code: str) -> type[CodestationError]:
+    """The class the API's `code` stands for (CodestationError for one this version lacks)."""
+    pending: list[type[CodestationError]] = [CodestationError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return CodestationError

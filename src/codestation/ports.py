@@ -1,0 +1,56 @@
+"""Host ports for sessions, leased from a configured range.
+
+A port is offered only when no live session leases it and the host lets us bind it right now
+(a bind, not a connect: a connect says nothing about a process that listens on another address
+or does not accept). The lease itself is a row in the store, whose uniqueness rule settles
+races between concurrent starts; the bind test only keeps us off ports foreign processes hold.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Iterator
+
+from codestation.errors import NoFreePort
+from codestation.sessions import Session
+from codestation.store import PortTaken, Store
+
+
+def port_is_free(address: str, port: int) -> bool:
+    """Whether a process could listen on `address:port` now."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+class PortAllocator:
+    def __init__(self, store: Store, start: int, end: int, address: str) -> None:
+        self.store = store
+        self.start = start
+        self.end = end
+        self.address = address
+
+    def candidates(self) -> Iterator[int]:
+        leased = self.store.leased_ports()
+        for port in range(self.start, self.end + 1):
+            if port not in leased and port_is_free(self.address, port):
+                yield port
+
+    def lease(self, make_session: Callable[[int], Session]) -> Session:
+        """Record `make_session(port)` in the store with the first port that can be had."""
+        for port in self.candidates():
+            session = make_session(port)
+            try:
+                self.store.create(session)
+            except PortTaken:
+                continue
+            return session
+        raise NoFreePort(
+            f"every port in {self.start}-{self.end} is leased or in use; stop a session "
+            "(POST /api/v1/code/session/<id>/stop) or widen port_range_start/port_range_end."
+        )

@@ -1,0 +1,100 @@
+"""The contract every runtime keeps: how a session's OpenCode is launched, watched and ended.
+
+A runtime is the only code that talks to its engine (the Docker daemon, bubblewrap, a cluster).
+It knows nothing of the store, the API or the state machine: `SessionManager` calls it, records
+what it returns and decides what a session's status is.
+
+A session's runtime *state* is a small JSON-able dict the runtime returns from `start` (a
+container id, a pid and its start time, a pod name). The manager stores it with the session and
+hands it back, with the session id, to every later call, in this process or in the next one
+after a restart: nothing a runtime needs to find a session again may live only in memory.
+Every method must accept the state `{}`, meaning "`start` may have begun but never returned";
+a runtime that can find its sandbox by session id alone (Docker: by name) should do so.
+
+Rules for each method:
+
+- `check()`: raise RuntimeUnavailable, saying how to fix it, if sessions cannot start now.
+  Cheap; called at service start-up.
+- `prepare(profile, report)`: get what `start` needs for this environment (an image, a binary).
+  Idempotent and safe to call concurrently; may take minutes the first time, so it runs before
+  the start timeout begins. `report(message)` may be called from any thread.
+- `start(spec)`: launch OpenCode so that it will answer on `spec.address:spec.port` with the
+  credentials in `spec.env`, and return the state. Return once launched, not once ready: the
+  manager probes readiness. If it raises, it must have left nothing behind.
+- `poll(session_id, state)`: `None` while the agent runs; an `Exit` once it has ended or cannot
+  be found. Before `start` returned, or for a session this runtime never saw, an `Exit`.
+- `stop(session_id, state, grace)`: end the agent (SIGTERM, then SIGKILL after `grace`
+  seconds), remove everything it left (container, process group), and return the last lines of
+  its log. Idempotent: a session already gone returns "". Never touches the workspace.
+- `logs(session_id, state, tail)`: the last `tail` lines of the agent's output.
+- `follow(session_id, state, tail)`: the last `tail` lines of the agent's output, then the rest
+  as it comes, until the agent ends or the caller stops iterating.
+- `running_sessions()`: the ids of every session whose sandbox this runtime runs for this
+  data directory, recorded or not (the manager removes those no record knows).
+- `close()`: release connections; sessions keep running.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from codestation.config import EnvironmentProfile
+
+State = dict[str, Any]
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    session_id: str
+    workspace: Path
+    address: str
+    port: int
+    env: dict[str, str]
+    profile: EnvironmentProfile
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a session's agent ended, as far as the runtime can tell."""
+
+    reason: str
+    code: int | None = None
+    oom_killed: bool = False
+
+
+class Runtime(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def check(self) -> None: ...
+
+    @abstractmethod
+    async def prepare(self, profile: EnvironmentProfile, report: Report) -> None: ...
+
+    @abstractmethod
+    async def start(self, spec: LaunchSpec) -> State: ...
+
+    @abstractmethod
+    async def poll(self, session_id: str, state: State) -> Exit | None: ...
+
+    @abstractmethod
+    async def stop(self, session_id: str, state: State, grace: float) -> str: ...
+
+    @abstractmethod
+    async def logs(self, session_id: str, state: State, tail: int) -> str: ...
+
+    @abstractmethod
+    def follow(self, session_id: str, state: State, tail: int) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    async def running_sessions(self) -> set[str]: ...
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,215 @@
+"""The Docker runtime: one container per session, from the sandbox image.
+
+The workspace is bind-mounted read-write at /workspace and OpenCode runs there as the
+workspace owner's uid:gid (so what the agent writes belongs to the user), with every capability
+dropped and no new privileges. Port 8080 inside is published on the leased host port. The
+container is named `codestation-<session id>` and labelled, so a session can be found again
+after a restart even if its state was never recorded.
+
+The Docker SDK is synchronous; calls run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from codestation import agent
+from codestation.config import EnvironmentProfile, Settings
+from codestation.errors import RuntimeUnavailable, StartFailed
+from codestation.image import ensure_image, image_tag
+from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
+
+LABEL_MANAGED = "codestation.managed"
+LABEL_SESSION = "codestation.session"
+LABEL_DATA_DIR = "codestation.data-dir"
+
+
+def container_name(session_id: str) -> str:
+    return f"codestation-{session_id}"
+
+
+class DockerRuntime(Runtime):
+    name = "docker"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                # Enough pooled connections for concurrent starts, each in its own thread.
+                self._client = docker.DockerClient.from_env(max_pool_size=32)
+            except docker.errors.DockerException as exc:
+                raise RuntimeUnavailable(self._unreachable(exc)) from exc
+        return self._client
+
+    @staticmethod
+    def _unreachable(exc: Exception) -> str:
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return (
+            f"the Docker engine at {where} does not answer ({exc}); start it "
+            "(`sudo systemctl start docker`, or `sudo dockerd &`) or point DOCKER_HOST at one."
+        )
+
+    async def check(self) -> None:
+        try:
+            await asyncio.to_thread(self.client.ping)
+        except (docker.errors.DockerException, OSError) as exc:
+            raise RuntimeUnavailable(self._unreachable(exc)) from exc
+
+    def image_for(self, profile: EnvironmentProfile) -> str:
+        return profile.image or image_tag(self.settings)
+
+    async def prepare(self, profile: EnvironmentProfile, report: Report) -> None:
+        if profile.image is None:
+            await asyncio.to_thread(ensure_image, self.client, self.settings, report)
+            return
+        try:
+            await asyncio.to_thread(self.client.images.get, profile.image)
+        except docker.errors.ImageNotFound:
+            report(f"pulling {profile.image}")
+            try:
+                await asyncio.to_thread(self.client.images.pull, profile.image)
+            except docker.errors.APIError as exc:
+                raise StartFailed(
+                    f"image {profile.image} is not on this host and cannot be pulled "
+                    f"({exc.explanation or exc}); build or load it, or fix the environment's image."
+                ) from exc
+
+    async def start(self, spec: LaunchSpec) -> State:
+        return await asyncio.to_thread(self._start, spec)
+
+    def _start(self, spec: LaunchSpec) -> State:
+        name = container_name(spec.session_id)
+        try:
+            container: Container = self.client.containers.run(
+                self.image_for(spec.profile),
+                command=agent.serve_command("0.0.0.0", agent.CONTAINER_PORT),
+                name=name,
+                detach=True,
+                init=True,
+                user=f"{spec.uid}:{spec.gid}",
+                working_dir="/workspace",
+                environment={"HOME": "/tmp", **spec.env},
+                volumes={str(spec.workspace): {"bind": "/workspace", "mode": "rw"}},
+                ports={f"{agent.CONTAINER_PORT}/tcp": (spec.address, spec.port)},
+                labels={
+                    LABEL_MANAGED: "true",
+                    LABEL_SESSION: spec.session_id,
+                    LABEL_DATA_DIR: str(self.settings.data_dir),
+                },
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+            )
+        except docker.errors.DockerException as exc:
+            self._remove(name)  # `run` creates before it starts; a failed start leaves one
+            detail = exc.explanation if isinstance(exc, docker.errors.APIError) else str(exc)
+            raise StartFailed(f"Docker could not start the session's container: {detail}") from exc
+        return {"container_id": container.id, "container_name": name}
+
+    def _container(self, session_id: str, state: State) -> Container | None:
+        for ref in (state.get("container_id"), container_name(session_id)):
+            if not ref:
+                continue
+            try:
+                return self.client.containers.get(ref)
+            except docker.errors.NotFound:
+                continue
+        return None
+
+    def _remove(self, ref: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.api.remove_container(ref, force=True, v=True)
+
+    async def poll(self, session_id: str, state: State) -> Exit | None:
+        return await asyncio.to_thread(self._poll, session_id, state)
+
+    def _poll(self, session_id: str, state: State) -> Exit | None:
+        container = self._container(session_id, state)
+        if container is None:
+            return Exit(reason="its container is gone")
+        info: dict[str, Any] = container.attrs["State"]
+        if info.get("Running"):
+            return None
+        code = info.get("ExitCode")
+        oom = bool(info.get("OOMKilled"))
+        reason = f"OpenCode exited with status {code}" + (" (out of memory)" if oom else "")
+        if info.get("Error"):
+            reason += f": {info['Error']}"
+        return Exit(reason=reason, code=code, oom_killed=oom)
+
+    async def stop(self, session_id: str, state: State, grace: float) -> str:
+        return await asyncio.to_thread(self._stop, session_id, state, grace)
+
+    def _stop(self, session_id: str, state: State, grace: float) -> str:
+        container = self._container(session_id, state)
+        if container is None:
+            return ""
+        with contextlib.suppress(docker.errors.NotFound):
+            container.stop(timeout=int(max(grace, 0)))
+        tail = self._tail(container, self.settings.log_tail_lines)
+        self._remove(container.id or container_name(session_id))
+        return tail
+
+    @staticmethod
+    def _tail(container: Container, lines: int) -> str:
+        try:
+            raw: bytes = container.logs(stdout=True, stderr=True, tail=lines)
+        except docker.errors.NotFound:
+            return ""
+        return raw.decode("utf-8", "replace")
+
+    async def logs(self, session_id: str, state: State, tail: int) -> str:
+        container = await asyncio.to_thread(self._container, session_id, state)
+        if container is None:
+            return ""
+        return await asyncio.to_thread(self._tail, container, tail)
+
+    async def follow(self, session_id: str, state: State, tail: int) -> AsyncIterator[bytes]:
+        container = await asyncio.to_thread(self._container, session_id, state)
+        if container is None:
+            return
+        stream = await asyncio.to_thread(
+            container.logs, stdout=True, stderr=True, stream=True, follow=True, tail=tail
+        )
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def pump() -> None:
+            # A thread of its own: a followed log may stay open for hours.
+            try:
+                for chunk in stream:
+                    loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            except Exception:  # the stream was closed under us
+                pass
+            finally:
+                loop.call_soon_threadsafe(chunks.put_nowait, None)
+
+        threading.Thread(target=pump, name=f"logs-{session_id}", daemon=True).start()
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+        finally:
+            stream.close()
+
+    async def running_sessions(self) -> set[str]:
+        labels = [f"{LABEL_MANAGED}=true", f"{LABEL_DATA_DIR}={self.settings.data_dir}"]
+        containers = await asyncio.to_thread(
+            self.client.containers.list, all=True, filters={"label": labels}
+        )
+        return {c.labels[LABEL_SESSION] for c in containers if LABEL_SESSION in c.labels}
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
