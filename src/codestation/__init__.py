@@ -3,11 +3,11 @@
 The public face is the Python client and the settings; everything else may change.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
 try:
-    __version__ = version("codestation")
-except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = _metadata.version("codestation")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
 from codestation.client import Client

@@ -235,3 +235,7 @@ def image_build() -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

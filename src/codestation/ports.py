@@ -21,6 +21,9 @@ def port_is_free(address: str, port: int) -> bool:
     """Whether a process could listen on `address:port` now."""
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As a server would: connections lingering in TIME_WAIT after a session stopped do
+        # not keep its port from the next one; a listener or a plain bind does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address, port))
         except OSError:

@@ -22,6 +22,8 @@ from codestation.store import Store
 
 log = logging.getLogger("codestation")
 
+EXAMPLE = 'send a JSON object such as {"workspace": "/home/me/project", "environment": "default"}'
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -74,17 +76,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors: list[dict[str, Any]] = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
-        return _error(
-            400,
-            "the request body is not valid JSON; send an object such as "
-            '{"workspace": "/home/me/project", "environment": "default"}.',
-            "malformed_json",
-        )
+        return _error(400, f"the request body is not valid JSON; {EXAMPLE}", "malformed_json")
     problems = []
     for e in errors:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "request body"
         problems.append(f"{where}: {e.get('msg', 'invalid')}")
-    return _error(422, "invalid request: " + "; ".join(problems) + ".", "invalid_request")
+    message = "invalid request: " + "; ".join(problems)
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        message += f"; {EXAMPLE}"
+    return _error(422, message, "invalid_request")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,0 +1,135 @@
+"""Cold start: codestation's session start beside bare OpenCode's, measured side by side.
+
+(a) codestation: POST /api/v1/code/start -> OpenCode healthy through the published port.
+(b) bare: the same OpenCode binary started on the host in the same directory -> healthy.
+
+Runs are interleaved (a, b, a, b, ...) so drift on a noisy machine hits both alike. Prints the
+medians and the ratio a/b. Needs what `make run` sets up (a Docker engine, the sandbox image).
+
+    .venv/bin/python benchmarks/cold_start.py [--runs 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from codestation.agent import OFFLINE_ENV, USERNAME, opencode_binary, serve_command
+from codestation.client import Client
+from codestation.config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_healthy(url: str, password: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/global/health", auth=(USERNAME, password), timeout=0.5)
+            if r.status_code == 200 and r.json().get("healthy"):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"{url} did not become healthy")
+
+
+def codestation_start(client: Client, workspace: Path) -> float:
+    begin = time.monotonic()
+    started = client.start(str(workspace))
+    session = client.wait(started.id, interval=0.02, timeout=120)
+    if session.url is None:
+        raise RuntimeError(f"session failed: {session.error}")
+    wait_healthy(session.url, session.auth.password, time.monotonic() + 60)
+    elapsed = time.monotonic() - begin
+    client.delete(session.id)
+    return elapsed
+
+
+def bare_start(binary: Path, workspace: Path) -> float:
+    password = secrets.token_urlsafe(16)
+    port = free_port()
+    home = tempfile.mkdtemp(prefix="bare-home-")
+    env = {**os.environ, **OFFLINE_ENV, "HOME": home, "OPENCODE_SERVER_PASSWORD": password}
+    begin = time.monotonic()
+    process = subprocess.Popen(
+        serve_command("127.0.0.1", port, str(binary)),
+        cwd=workspace,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", password, time.monotonic() + 60)
+        return time.monotonic() - begin
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CODESTATION_DATA_DIR": str(data_dir), "CODESTATION_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "codestation.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("codestation did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+
+    binary = opencode_binary(Settings())
+    with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
+        workspace = Path(tmp, "project")
+        workspace.mkdir()
+        (workspace / "README.md").write_text("# benchmark\n")
+        port = free_port()
+        service = serve(Path(tmp, "data"), port)
+        try:
+            with Client(f"http://127.0.0.1:{port}") as client:
+                codestation_start(client, workspace)  # warm-up: image present, caches hot
+                bare_start(binary, workspace)
+                a, b = [], []
+                for i in range(args.runs):
+                    a.append(codestation_start(client, workspace))
+                    b.append(bare_start(binary, workspace))
+                    print(f"run {i + 1}: codestation {a[-1]:.2f} s, bare {b[-1]:.2f} s", flush=True)
+        finally:
+            service.terminate()
+            service.wait(timeout=30)
+    ma, mb = statistics.median(a), statistics.median(b)
+    print(f"\nmedian over {args.runs} runs")
+    print(f"  (a) codestation start -> healthy (docker): {ma:.2f} s")
+    print(f"  (b) bare opencode serve -> healthy:        {mb:.2f} s")
+    print(f"  ratio a/b: {ma / mb:.2f}")
+
+
+if __name__ == "__main__":
+    main()

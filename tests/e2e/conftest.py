@@ -1,0 +1,176 @@
+"""The real service as a subprocess, against the real Docker engine and OpenCode binary.
+
+Every service a test starts gets its own data directory and port range; when the test ends,
+the fixture stops what is left and checks nothing leaked: no container labelled with that data
+directory, no port still leased or held.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from codestation import Client
+from codestation.ports import port_is_free
+from codestation.runtimes.docker import LABEL_DATA_DIR
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+_next_block = [31000]
+
+
+def free_range(size: int) -> tuple[int, int]:
+    """`size` consecutive ports that nothing holds, distinct from earlier ranges of this run."""
+    start = _next_block[0]
+    while not all(port_is_free("127.0.0.1", p) for p in range(start, start + size)):
+        start += size
+    _next_block[0] = start + size
+    return start, start + size - 1
+
+
+@dataclass
+class Service:
+    url: str
+    data_dir: Path
+    ports: tuple[int, int]
+    process: subprocess.Popen[bytes]
+    env: dict[str, str]
+    log: Path
+    client: Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = Client(self.url, timeout=120)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120)
+
+    def containers(self) -> list[Any]:
+        engine = docker.from_env()
+        try:
+            return list(
+                engine.containers.list(
+                    all=True, filters={"label": f"{LABEL_DATA_DIR}={self.data_dir}"}
+                )
+            )
+        finally:
+            engine.close()
+
+    def stop_process(self, sig: int = 15) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def restart(self, sig: int = 15) -> None:
+        """Stop the service process and start another on the same data, port and range."""
+        self.stop_process(sig)
+        self.process = _spawn(self.env, self.log)
+        _wait_healthy(self)
+
+
+def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "codestation.cli", "serve"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_healthy(service: Service) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"the service exited at start-up:\n{service.log.read_text()}")
+        try:
+            if httpx.get(f"{service.url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the service did not answer in 60 s:\n{service.log.read_text()}")
+
+
+def launch(tmp_path: Path, ports: tuple[int, int], **settings: str) -> Service:
+    data_dir = tmp_path / f"data-{len(list(tmp_path.glob('data-*')))}"
+    port = free_port()
+    env = {
+        **os.environ,
+        "CODESTATION_DATA_DIR": str(data_dir),
+        "CODESTATION_PORT": str(port),
+        "CODESTATION_PORT_RANGE_START": str(ports[0]),
+        "CODESTATION_PORT_RANGE_END": str(ports[1]),
+        **{f"CODESTATION_{k.upper()}": v for k, v in settings.items()},
+    }
+    env.pop("CODESTATION_CONFIG", None)
+    log = tmp_path / f"service-{port}.log"
+    service = Service(f"http://127.0.0.1:{port}", data_dir, ports, _spawn(env, log), env, log)
+    _wait_healthy(service)
+    return service
+
+
+ServiceFactory = Callable[..., Service]
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[ServiceFactory]:
+    started: list[Service] = []
+
+    def factory(size: int = 10, **settings: str) -> Service:
+        service = launch(tmp_path, free_range(size), **settings)
+        started.append(service)
+        return service
+
+    yield factory
+    for service in started:
+        if service.process.poll() is None:
+            service.client.stop_all()
+            service.stop_process()
+        leftovers = service.containers()
+        for container in leftovers:
+            container.remove(force=True)
+        assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
+        held = [p for p in range(service.ports[0], service.ports[1] + 1)
+                if not port_is_free("127.0.0.1", p)]  # fmt: skip
+        assert not held, f"ports still held after every session stopped: {held}"
+
+
+@pytest.fixture
+def service(start_service: ServiceFactory) -> Service:
+    return start_service()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "project"
+    ws.mkdir()
+    (ws / "README.md").write_text("# a project\n")
+    (ws / "src").mkdir()
+    (ws / "src" / "main.py").write_text("print('hello')\n")
+    return ws
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `root` with its mode and content."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }

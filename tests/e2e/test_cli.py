@@ -1,0 +1,99 @@
+"""The `codestation` command against a real service."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.e2e.conftest import Service
+
+
+def cli(service: Service, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "codestation.cli", *args],
+        env={**service.env, "CODESTATION_URL": service.url, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr + result.stdout
+    return result
+
+
+def test_start_ls_status_logs_stop(service: Service, workspace: Path) -> None:
+    started = cli(service, "start", str(workspace), "--environment", "default")
+    url = re.search(r"url\s+(http://\S+)", started.stdout)
+    password = re.search(r"password\s+(\S+)", started.stdout)
+    session_id = started.stdout.split()[0]
+    assert url, started.stdout
+    assert password, started.stdout
+    health = httpx.get(
+        f"{url.group(1)}/global/health", auth=("opencode", password.group(1)), timeout=10
+    )
+    assert health.json()["healthy"] is True
+
+    listed = cli(service, "ls")
+    assert session_id in listed.stdout
+    assert "running" in listed.stdout
+    assert "docker" in listed.stdout
+    as_json = json.loads(cli(service, "ls", "--json").stdout)
+    assert [s["id"] for s in as_json] == [session_id]
+
+    status = cli(service, "status", session_id, "--json")
+    assert json.loads(status.stdout)["url"] == url.group(1)
+    assert "opencode server listening" in cli(service, "logs", session_id).stdout
+
+    assert "stopped" in cli(service, "stop", session_id).stdout
+    assert (workspace / "README.md").exists()
+
+
+def test_follow_ends_when_the_session_stops(service: Service, workspace: Path) -> None:
+    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "codestation.cli", "logs", "--follow", session.id],
+        env={**service.env, "CODESTATION_URL": service.url},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    service.client.stop(session.id)
+    out, _ = follower.communicate(timeout=60)
+    assert follower.returncode == 0
+    assert "opencode server listening" in out
+
+
+def test_errors_are_sentences_and_exit_non_zero(service: Service, tmp_path: Path) -> None:
+    missing = cli(service, "start", str(tmp_path / "missing"), check=False)
+    assert missing.returncode == 1
+    assert "does not exist" in missing.stderr
+    unknown = cli(service, "status", "cs-nope", check=False)
+    assert unknown.returncode == 1
+    assert "no session" in unknown.stderr
+    down = subprocess.run(
+        [sys.executable, "-m", "codestation.cli", "ls", "--url", "http://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+    )
+    assert down.returncode == 1
+    assert "codestation serve" in down.stderr
+
+
+def test_config_masks_secrets(service: Service, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[environments.hosted]\nenv = { OPENAI_API_KEY = "sk-very-secret" }\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "codestation.cli", "config"],
+        env={**service.env, "CODESTATION_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["environments"]["hosted"]["env"]["OPENAI_API_KEY"] == "********"
+    assert "sk-very-secret" not in result.stdout
+    assert str(config) in result.stderr

@@ -1,0 +1,132 @@
+"""A session's whole life, as a user sees it, against the real engine and OpenCode."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import docker
+import httpx
+
+from codestation import Status
+from codestation.ports import port_is_free
+from codestation.runtimes.docker import container_name
+from tests.e2e.conftest import Service, ServiceFactory, snapshot
+
+
+def test_start_run_reach_and_stop(service: Service, workspace: Path) -> None:
+    before = snapshot(workspace)
+    with service.http() as http:
+        answer = http.post(
+            "/api/v1/code/start", json={"workspace": str(workspace), "environment": "default"}
+        )
+    assert answer.status_code == 202, answer.text
+    started = answer.json()
+    assert started["status"] == "starting"
+    session_id = started["session_id"]
+    assert started["id"] == session_id
+
+    session = service.client.wait(session_id, timeout=120)
+    assert session.status is Status.RUNNING, session.error
+    assert session.runtime == "docker"
+    assert service.ports[0] <= session.port <= service.ports[1]
+    assert session.url == f"http://127.0.0.1:{session.port}"
+    auth = (session.auth.username, session.auth.password)
+
+    # OpenCode itself answers through the published port, behind the session's password.
+    health = httpx.get(f"{session.url}/global/health", auth=auth, timeout=10)
+    assert health.status_code == 200
+    assert health.json()["healthy"] is True
+    assert httpx.get(f"{session.url}/global/health", timeout=10).status_code == 401
+    assert httpx.get(f"{session.url}/global/health", auth=("opencode", "wrong"), timeout=10)\
+        .status_code == 401  # fmt: skip
+
+    # A file made on the host after the start is seen by OpenCode in /workspace.
+    (workspace / "made-on-host.txt").write_text("hello from the host\n")
+    files = httpx.get(f"{session.url}/file", params={"path": "."}, auth=auth, timeout=10)
+    assert files.status_code == 200
+    names = {f["name"] for f in files.json()}
+    assert {"README.md", "src", "made-on-host.txt"} <= names
+
+    logs = service.client.logs(session_id)
+    assert "opencode server listening" in logs
+
+    stopped = service.client.stop(session_id)
+    assert stopped.status is Status.STOPPED
+    assert stopped.stopped_at is not None
+    assert stopped.url is None
+
+    engine = docker.from_env()
+    assert not engine.containers.list(all=True, filters={"name": container_name(session_id)})
+    engine.close()
+    assert port_is_free("127.0.0.1", session.port)
+    assert httpx.get(f"{service.url}/api/v1/code/session/{session_id}/logs").status_code == 200
+    # Nothing of the user's was deleted or changed; the file made after start is still there.
+    after = snapshot(workspace)
+    assert after.pop("made-on-host.txt")[1] == b"hello from the host\n"
+    assert after == before
+
+
+def test_stop_is_idempotent_and_delete_forgets(service: Service, workspace: Path) -> None:
+    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    assert session.status is Status.RUNNING, session.error
+    assert service.client.stop(session.id).status is Status.STOPPED
+    assert service.client.stop(session.id).status is Status.STOPPED
+    with service.http() as http:
+        assert http.delete(f"/api/v1/code/session/{session.id}").status_code == 204
+        gone = http.get(f"/api/v1/code/session/{session.id}")
+    assert gone.status_code == 404
+    assert gone.json()["code"] == "session_not_found"
+    assert (workspace / "README.md").read_text() == "# a project\n"
+
+
+def test_stop_during_start_leaves_nothing_behind(service: Service, workspace: Path) -> None:
+    started = service.client.start(str(workspace))
+    stopped = service.client.stop(started.id)
+    assert stopped.status is Status.STOPPED
+    assert service.containers() == []
+    assert port_is_free("127.0.0.1", started.port)
+
+
+def test_the_agent_runs_as_the_workspace_owner(service: Service, workspace: Path) -> None:
+    for path in [workspace, *workspace.rglob("*")]:
+        os.chown(path, 4321, 4322)
+    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    assert session.status is Status.RUNNING, session.error
+    engine = docker.from_env()
+    container = engine.containers.get(container_name(session.id))
+    assert container.attrs["Config"]["User"] == "4321:4322"
+    # A file the sandbox writes belongs to the user, not to root.
+    container.exec_run(["touch", "/workspace/written-by-agent"])
+    made = (workspace / "written-by-agent").stat()
+    assert (made.st_uid, made.st_gid) == (4321, 4322)
+    engine.close()
+    service.client.stop(session.id)
+
+
+def test_stop_all_stops_every_session(service: Service, tmp_path: Path) -> None:
+    ids = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        ids.append(service.client.start(str(tmp_path / name)).id)
+    for session_id in ids:
+        service.client.wait(session_id, timeout=120)
+    stopped = service.client.stop_all()
+    assert sorted(s.id for s in stopped) == sorted(ids)
+    assert all(s.status is Status.STOPPED for s in stopped)
+    assert service.containers() == []
+
+
+def test_a_running_session_survives_a_service_restart(
+    start_service: ServiceFactory, workspace: Path
+) -> None:
+    first = start_service()
+    session = first.client.wait(first.client.start(str(workspace)).id, timeout=120)
+    assert session.status is Status.RUNNING, session.error
+    # The same data directory and range: the next service finds the session and keeps it.
+    first.restart()
+    again = first.client.session(session.id)
+    assert again.status is Status.RUNNING
+    assert (again.url, again.auth.password) == (session.url, session.auth.password)
+    auth = (again.auth.username, again.auth.password)
+    assert httpx.get(f"{again.url}/global/health", auth=auth, timeout=10).status_code == 200

@@ -1,0 +1,91 @@
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from codestation.sessions import Session, Status, new_session_id
+from codestation.store import PortTaken, Store
+
+
+def make(port: int) -> Session:
+    return Session(
+        id=new_session_id(),
+        status=Status.STARTING,
+        runtime="docker",
+        workspace=Path("/tmp/w"),
+        environment="default",
+        port=port,
+        username="opencode",
+        password="secret",
+        created_at=datetime.now(UTC),
+        runtime_state={"container_id": "abc"},
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "data" / "codestation.db")
+
+
+def test_a_session_round_trips(store: Store) -> None:
+    s = make(30000)
+    store.create(s)
+    assert store.get(s.id) == s
+    assert store.leased_ports() == {30000: s.id}
+
+
+def test_the_store_refuses_a_second_live_session_on_a_port(store: Store) -> None:
+    first = make(30000)
+    store.create(first)
+    second = make(30000)
+    with pytest.raises(PortTaken):
+        store.create(second)
+    assert store.get(second.id) is None  # nothing half-made
+    assert [s.id for s in store.list()] == [first.id]
+
+
+def test_a_final_status_gives_the_port_back(store: Store) -> None:
+    s = make(30001)
+    store.create(s)
+    store.save(s.advance(Status.RUNNING))
+    assert 30001 in store.leased_ports()
+    store.save(store.get(s.id).advance(Status.FAILED, error="x"))  # type: ignore[union-attr]
+    assert store.leased_ports() == {}
+    again = make(30001)
+    store.create(again)
+    assert store.leased_ports() == {30001: again.id}
+
+
+def test_live_only_lists_live_sessions(store: Store) -> None:
+    live, done = make(30000), make(30001)
+    store.create(live)
+    store.create(done)
+    store.save(done.advance(Status.STOPPING))
+    store.save(store.get(done.id).advance(Status.STOPPED))  # type: ignore[union-attr]
+    assert [s.id for s in store.list(live_only=True)] == [live.id]
+    assert len(store.list()) == 2
+
+
+def test_sessions_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "codestation.db"
+    first = Store(path)
+    s = make(30005)
+    first.create(s)
+    first.close()
+    second = Store(path)
+    assert second.get(s.id) == s
+    assert second.leased_ports() == {30005: s.id}
+
+
+def test_delete_forgets_session_and_lease(store: Store) -> None:
+    s = make(30000)
+    store.create(s)
+    store.delete(s.id)
+    assert store.get(s.id) is None
+    assert store.leased_ports() == {}
+
+
+def test_the_database_is_private(store: Store) -> None:
+    assert store.path.stat().st_mode & 0o077 == 0
+    assert replace(make(1), port=2).port == 2
