@@ -38,7 +38,7 @@ from codestation.workspaces import validate_workspace
 
 log = logging.getLogger("codestation")
 
-PROBE_INTERVAL = 0.2
+PROBE_INTERVAL = 0.1
 PROBE_TIMEOUT = 1.0
 
 
