@@ -77,13 +77,25 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
 ) -> None:
     """Run the codestation service (the API on http://127.0.0.1:8585 by default)."""
+    import asyncio
+
     import uvicorn
 
     from codestation.api import create_app
+    from codestation.runtimes import make_runtime
 
     settings = Settings()
     settings.host = host or settings.host
     settings.port = port or settings.port
+    # Say plainly, before the server starts, why no session could run.
+    runtime = make_runtime(settings)
+    try:
+        asyncio.run(runtime.check())
+    except CodestationError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        asyncio.run(runtime.close())
+    err.print(f"codestation: sessions run in {runtime.name}; data in {settings.data_dir}")
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)]
     )

@@ -1,0 +1,49 @@
+"""The sandbox image is built on a session's first need, once, and reused after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import docker
+
+from codestation import SessionInfo, Settings, Status
+from codestation.image import image_tag
+from tests.e2e.conftest import ServiceFactory
+
+
+def test_a_missing_image_is_built_on_first_need_and_then_reused(
+    start_service: ServiceFactory, workspace: Path
+) -> None:
+    tag = image_tag(Settings())
+    engine = docker.from_env()
+    engine.images.remove(tag, force=True)
+    service = start_service()
+
+    steps: list[str] = []
+
+    def seen(info: SessionInfo) -> None:
+        if info.step and info.step not in steps:
+            steps.append(info.step)
+
+    first = service.client.wait(service.client.start(str(workspace)).id, on_update=seen)
+    assert first.status is Status.RUNNING, first.error
+    # The build shows as a step of its own, before OpenCode is launched.
+    assert steps.index("preparing the sandbox") < steps.index("waiting for OpenCode"), steps
+    built = engine.images.get(tag)
+    assert built.attrs["Config"]["Labels"]["org.codestation.sandbox"] == "true"
+    service.client.stop(first.id)
+
+    second = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    assert second.status is Status.RUNNING, second.error
+    assert engine.images.get(tag).id == built.id  # not rebuilt
+    container = engine.containers.get(f"codestation-{second.id}")
+    assert container.image.id == built.id
+    # The image holds the pinned OpenCode, executable by anyone, and the agent's tools.
+    version = container.exec_run(["opencode", "--version"]).output.decode().strip()
+    assert version == Settings().opencode_version
+    script = "stat -c %a /usr/local/bin/opencode; for t in git rg curl; do command -v $t; done"
+    tools = container.exec_run(["sh", "-c", script]).output.decode()
+    assert tools.split()[0] == "755"
+    assert all(t in tools for t in ("/git", "/rg", "/curl"))
+    service.client.stop(second.id)
+    engine.close()
