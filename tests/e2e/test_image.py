@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import docker
+from docker.models.containers import Container
 
 from codestation import SessionInfo, Settings, Status
 from codestation.image import image_tag
 from tests.e2e.conftest import ServiceFactory
+
+
+def run(container: Container, script: str) -> str:
+    output = container.exec_run(["sh", "-c", script]).output
+    assert isinstance(output, bytes)
+    return output.decode()
 
 
 def test_a_missing_image_is_built_on_first_need_and_then_reused(
@@ -37,12 +44,13 @@ def test_a_missing_image_is_built_on_first_need_and_then_reused(
     assert second.status is Status.RUNNING, second.error
     assert engine.images.get(tag).id == built.id  # not rebuilt
     container = engine.containers.get(f"codestation-{second.id}")
+    assert container.image is not None
     assert container.image.id == built.id
     # The image holds the pinned OpenCode, executable by anyone, and the agent's tools.
-    version = container.exec_run(["opencode", "--version"]).output.decode().strip()
+    version = run(container, "opencode --version").strip()
     assert version == Settings().opencode_version
     script = "stat -c %a /usr/local/bin/opencode; for t in git rg curl; do command -v $t; done"
-    tools = container.exec_run(["sh", "-c", script]).output.decode()
+    tools = run(container, script)
     assert tools.split()[0] == "755"
     assert all(t in tools for t in ("/git", "/rg", "/curl"))
     service.client.stop(second.id)
