@@ -82,20 +82,18 @@ def serve(
     import uvicorn
 
     from codestation.api import create_app
-    from codestation.runtimes import make_runtime
+    from codestation.runtimes import choose_runtime, make_runtimes
 
     settings = Settings()
     settings.host = host or settings.host
     settings.port = port or settings.port
-    # Say plainly, before the server starts, why no session could run.
-    runtime = make_runtime(settings)
+    # Say plainly, before the server starts, which runtime sessions get, or why none can run.
     try:
-        asyncio.run(runtime.check())
+        chosen = asyncio.run(choose_runtime(settings, make_runtimes(settings)))
     except CodestationError as exc:
         raise _fail(str(exc)) from None
-    finally:
-        asyncio.run(runtime.close())
-    err.print(f"codestation: sessions run in {runtime.name}; data in {settings.data_dir}")
+    how = "chosen automatically" if settings.runtime == "auto" else "as configured"
+    err.print(f"codestation: sessions run in {chosen} ({how}); data in {settings.data_dir}")
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)]
     )

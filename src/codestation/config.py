@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
@@ -30,6 +30,9 @@ class EnvironmentProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     description: str = ""
+    runtime: Literal["docker", "bwrap"] | None = Field(
+        default=None, description="Where this environment's sessions run; unset: the service's."
+    )
     image: str | None = Field(
         default=None,
         description="Container image with OpenCode at /usr/local/bin/opencode; "
@@ -52,6 +55,11 @@ def _default_roots() -> list[Path]:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CODESTATION_", extra="forbid")
 
+    runtime: Literal["auto", "docker", "bwrap"] = Field(
+        default="auto",
+        description="Where sessions run: auto takes Docker when an engine answers, "
+        "else bubblewrap.",
+    )
     host: str = Field(default="127.0.0.1", description="Address the API listens on.")
     port: int = Field(default=8585, ge=1, le=65535, description="Port the API listens on.")
     data_dir: Path = Field(

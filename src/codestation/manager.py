@@ -26,12 +26,13 @@ from codestation.config import Settings
 from codestation.errors import (
     AgentExited,
     CodestationError,
+    RuntimeUnavailable,
     SessionNotFound,
     StartTimeout,
     UnknownEnvironment,
 )
 from codestation.ports import PortAllocator
-from codestation.runtimes.base import LaunchSpec, Runtime, State
+from codestation.runtimes import LaunchSpec, Runtime, State, choose_runtime
 from codestation.sessions import Session, Status, new_session_id, now
 from codestation.store import Store
 from codestation.workspaces import validate_workspace
@@ -43,10 +44,12 @@ PROBE_TIMEOUT = 1.0
 
 
 class SessionManager:
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, store: Store, runtimes: dict[str, Runtime]) -> None:
         self.settings = settings
         self.store = store
-        self.runtime = runtime
+        self.runtimes = runtimes
+        self.default_runtime = ""  # chosen by `open`
+        self._checked: set[str] = set()
         self.ports = PortAllocator(
             store, settings.port_range_start, settings.port_range_end, settings.publish_address
         )
@@ -58,8 +61,9 @@ class SessionManager:
     # -- lifecycle of the manager itself ---------------------------------------------------
 
     async def open(self) -> None:
-        """Check the runtime answers, then bring the store in line with what really runs."""
-        await self.runtime.check()
+        """Choose the default runtime, then bring the store in line with what really runs."""
+        self.default_runtime = await choose_runtime(self.settings, self.runtimes)
+        self._checked.add(self.default_runtime)
         await self.reconcile()
 
     async def close(self) -> None:
@@ -69,15 +73,37 @@ class SessionManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._http.aclose()
-        await self.runtime.close()
+        for runtime in self.runtimes.values():
+            await runtime.close()
+
+    async def _runtime(self, name: str) -> Runtime:
+        """The runtime called `name`, checked once to answer (RuntimeUnavailable if not)."""
+        runtime = self.runtimes[name]
+        if name not in self._checked:
+            await runtime.check()
+            self._checked.add(name)
+        return runtime
 
     async def reconcile(self) -> None:
         live = self.store.list(live_only=True)
-        await asyncio.gather(*(self._readopt(s) for s in live))
+        answering = set()
+        for name in self.runtimes:
+            try:
+                await self._runtime(name)
+                answering.add(name)
+            except RuntimeUnavailable as exc:
+                stuck = sum(1 for s in live if s.runtime == name)
+                if stuck:
+                    log.warning("%d session(s) in %s left as they are: %s", stuck, name, exc)
+        await asyncio.gather(*(self._readopt(s) for s in live if s.runtime in answering))
         known = {s.id for s in self.store.list(live_only=True)}
-        orphans = await self.runtime.running_sessions() - known
+        orphans = [
+            (name, sid)
+            for name in answering
+            for sid in await self.runtimes[name].running_sessions() - known
+        ]
         await asyncio.gather(
-            *(self.runtime.stop(sid, {}, self.settings.stop_timeout) for sid in orphans)
+            *(self.runtimes[n].stop(sid, {}, self.settings.stop_timeout) for n, sid in orphans)
         )
         if live or orphans:
             log.info(
@@ -89,13 +115,13 @@ class SessionManager:
         if session.status is Status.STOPPING:
             await self.stop(session.id)
             return
-        exit_ = await self.runtime.poll(session.id, session.runtime_state)
+        runtime = self.runtimes[session.runtime]
+        exit_ = await runtime.poll(session.id, session.runtime_state)
         if exit_ is None and session.status is Status.STARTING:
-            self._spawn(session.id, self._launch(session.id, resume=session.runtime_state))
+            resume = self._launch(runtime, session.id, resume=session.runtime_state)
+            self._spawn(session.id, resume)
         elif exit_ is not None:
-            tail = await self.runtime.stop(
-                session.id, session.runtime_state, self.settings.stop_timeout
-            )
+            tail = await runtime.stop(session.id, session.runtime_state, self.settings.stop_timeout)
             await self._change(
                 session.id,
                 lambda s: s.advance(
@@ -125,7 +151,8 @@ class SessionManager:
     async def logs(self, session_id: str, tail: int) -> str:
         session = self.get(session_id)
         if session.status.live:
-            return await self.runtime.logs(session.id, session.runtime_state, tail)
+            runtime = self.runtimes[session.runtime]
+            return await runtime.logs(session.id, session.runtime_state, tail)
         lines = (session.log_tail or "").splitlines(keepends=True)
         return "".join(lines[-tail:])
 
@@ -134,7 +161,8 @@ class SessionManager:
         if not session.status.live:
             yield (await self.logs(session_id, tail)).encode()
             return
-        async for chunk in self.runtime.follow(session.id, session.runtime_state, tail):
+        runtime = self.runtimes[session.runtime]
+        async for chunk in runtime.follow(session.id, session.runtime_state, tail):
             yield chunk
 
     # -- starting --------------------------------------------------------------------------
@@ -148,6 +176,7 @@ class SessionManager:
                 f"environment {environment!r} is not configured; choose one of: {names}."
             )
         path = validate_workspace(workspace, self.settings.allowed_roots, self.settings.data_dir)
+        runtime = await self._runtime(profile.runtime or self.default_runtime)
         owner = path.stat()
         password = secrets.token_urlsafe(24)
         session_id = new_session_id()
@@ -155,7 +184,7 @@ class SessionManager:
             lambda port: Session(
                 id=session_id,
                 status=Status.STARTING,
-                runtime=self.runtime.name,
+                runtime=runtime.name,
                 workspace=path,
                 environment=environment,
                 port=port,
@@ -175,7 +204,7 @@ class SessionManager:
             uid=owner.st_uid,
             gid=owner.st_gid,
         )
-        self._spawn(session.id, self._launch(session.id, spec=spec))
+        self._spawn(session.id, self._launch(runtime, session.id, spec=spec))
         log.info("session %s starting on port %d for %s", session.id, session.port, path)
         return session
 
@@ -185,16 +214,21 @@ class SessionManager:
         task.add_done_callback(lambda _: self._launches.pop(session_id, None))
 
     async def _launch(
-        self, session_id: str, *, spec: LaunchSpec | None = None, resume: State | None = None
+        self,
+        runtime: Runtime,
+        session_id: str,
+        *,
+        spec: LaunchSpec | None = None,
+        resume: State | None = None,
     ) -> None:
         try:
             if spec is not None:
-                state = await self._launch_sandbox(spec)
+                state = await self._launch_sandbox(runtime, spec)
             else:
                 assert resume is not None
                 state = resume
             await self._step(session_id, "waiting for OpenCode")
-            await self._wait_ready(session_id, state)
+            await self._wait_ready(runtime, session_id, state)
             session = await self._change(
                 session_id,
                 lambda s: (
@@ -210,14 +244,14 @@ class SessionManager:
             reason = str(exc) if isinstance(exc, CodestationError) else f"internal error: {exc!r}"
             await self._fail(session_id, reason)
 
-    async def _launch_sandbox(self, spec: LaunchSpec) -> State:
+    async def _launch_sandbox(self, runtime: Runtime, spec: LaunchSpec) -> State:
         await self._step(spec.session_id, "preparing the sandbox")
         async with self._prepare_lock:
-            await self.runtime.prepare(
+            await runtime.prepare(
                 spec.profile, lambda line: log.info("prepare %s: %s", spec.session_id, line)
             )
         await self._step(spec.session_id, "launching OpenCode")
-        launch = asyncio.ensure_future(self.runtime.start(spec))
+        launch = asyncio.ensure_future(runtime.start(spec))
         try:
             state = await asyncio.shield(launch)
         except asyncio.CancelledError:
@@ -229,7 +263,7 @@ class SessionManager:
         await self._record_state(spec.session_id, state)
         return state
 
-    async def _wait_ready(self, session_id: str, state: State) -> None:
+    async def _wait_ready(self, runtime: Runtime, session_id: str, state: State) -> None:
         session = self.get(session_id)
         host = self.settings.publish_address
         host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
@@ -241,7 +275,7 @@ class SessionManager:
             timeout = max(0.05, min(PROBE_TIMEOUT, remaining))
             if await agent.is_healthy(self._http, url, session.password, timeout):
                 return
-            exit_ = await self.runtime.poll(session_id, state)
+            exit_ = await runtime.poll(session_id, state)
             if exit_ is not None:
                 raise AgentExited(f"OpenCode ended before it was ready: {exit_.reason}")
             if loop.time() >= deadline:
@@ -256,7 +290,8 @@ class SessionManager:
             session = self.get(session_id)
             if session.status is not Status.STARTING:
                 return  # a stop took over
-            tail = await self.runtime.stop(session_id, session.runtime_state, 0)
+            runtime = self.runtimes[session.runtime]
+            tail = await runtime.stop(session_id, session.runtime_state, 0)
             error = reason if not tail else f"{reason}\n--- last log lines ---\n{tail.rstrip()}"
             self.store.save(
                 session.advance(Status.FAILED, error=error, log_tail=tail or None, step=None)
@@ -281,9 +316,8 @@ class SessionManager:
             session = self.get(session_id)
             if not session.status.live:
                 return session  # a concurrent stop finished first
-            tail = await self.runtime.stop(
-                session_id, session.runtime_state, self.settings.stop_timeout
-            )
+            runtime = self.runtimes[session.runtime]
+            tail = await runtime.stop(session_id, session.runtime_state, self.settings.stop_timeout)
             session = session.advance(Status.STOPPED, log_tail=tail or session.log_tail, step=None)
             self.store.save(session)
         log.info("session %s stopped", session_id)

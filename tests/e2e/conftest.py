@@ -7,7 +7,9 @@ directory, no port still leased or held.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,12 +22,25 @@ from typing import Any
 import docker
 import httpx
 import pytest
+from websockets.sync.client import connect
 
-from codestation import Client
+from codestation import Client, SessionInfo
 from codestation.ports import port_is_free
 from codestation.runtimes.docker import LABEL_DATA_DIR
 
 pytestmark = pytest.mark.e2e
+
+RUNTIMES = ("docker", "bwrap")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every end-to-end test runs against each runtime, or those its `runtimes` mark names.
+
+    A runtime missing on the machine fails its tests: nothing here skips.
+    """
+    if "runtime" in metafunc.fixturenames:
+        mark = metafunc.definition.get_closest_marker("runtimes")
+        metafunc.parametrize("runtime", mark.args if mark else RUNTIMES)
 
 
 def free_port() -> int:
@@ -62,6 +77,22 @@ class Service:
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120)
+
+    def leftovers(self) -> list[str]:
+        """Sandboxes of this service still on the machine: containers, bwrap processes."""
+        found = [f"container {c.name}" for c in self.containers()]
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if (
+                argv
+                and argv[0].endswith(b"bwrap")
+                and str(self.data_dir.parent).encode() in b" ".join(argv)
+            ):
+                found.append(f"bwrap process {proc.name}")
+        return found
 
     def containers(self) -> list[Any]:
         engine = docker.from_env()
@@ -130,10 +161,11 @@ ServiceFactory = Callable[..., Service]
 
 
 @pytest.fixture
-def start_service(tmp_path: Path) -> Iterator[ServiceFactory]:
+def start_service(tmp_path: Path, runtime: str) -> Iterator[ServiceFactory]:
     started: list[Service] = []
 
     def factory(size: int = 10, **settings: str) -> Service:
+        settings.setdefault("runtime", runtime)
         service = launch(tmp_path, free_range(size), **settings)
         started.append(service)
         return service
@@ -143,10 +175,10 @@ def start_service(tmp_path: Path) -> Iterator[ServiceFactory]:
         if service.process.poll() is None:
             service.client.stop_all()
             service.stop_process()
-        leftovers = service.containers()
-        for container in leftovers:
+        leftovers = service.leftovers()
+        for container in service.containers():
             container.remove(force=True)
-        assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
+        assert not leftovers, f"sandboxes left behind: {leftovers}"
         held = [p for p in range(service.ports[0], service.ports[1] + 1)
                 if not port_is_free("127.0.0.1", p)]  # fmt: skip
         assert not held, f"ports still held after every session stopped: {held}"
@@ -174,3 +206,28 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def run_in_session(session: SessionInfo, script: str, timeout: float = 30) -> tuple[int, str]:
+    """Run `script` in a shell inside the session's sandbox through OpenCode's own PTY API (as
+    the agent's shell tool would); return its exit status and what it printed."""
+    auth = (session.auth.username, session.auth.password)
+    url = session.url or ""
+    # The PTY is forgotten once its process exits: keep it alive until the output is read.
+    wrapped = f"{script}\necho __exit=$?; sleep 30"
+    created = httpx.post(
+        f"{url}/pty", auth=auth, timeout=10, json={"command": "sh", "args": ["-c", wrapped]}
+    )
+    assert created.status_code == 200, created.text
+    pty_id = created.json()["id"]
+    token = base64.b64encode(":".join(auth).encode()).decode()
+    output = ""
+    ws_url = url.replace("http://", "ws://") + f"/pty/{pty_id}/connect?cursor=0"
+    with connect(ws_url, additional_headers={"Authorization": f"Basic {token}"}) as ws:
+        deadline = time.monotonic() + timeout
+        while not (done := re.search(r"__exit=(\d+)\r?\n", output)):
+            message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+            output += message if isinstance(message, str) else message.decode(errors="replace")
+    httpx.delete(f"{url}/pty/{pty_id}", auth=auth, timeout=10)
+    printed = output[: done.start()].split("}", 1)[-1]  # after the cursor frame
+    return int(done.group(1)), printed

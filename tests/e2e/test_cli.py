@@ -26,7 +26,7 @@ def cli(service: Service, *args: str, check: bool = True) -> subprocess.Complete
     return result
 
 
-def test_start_ls_status_logs_stop(service: Service, workspace: Path) -> None:
+def test_start_ls_status_logs_stop(service: Service, workspace: Path, runtime: str) -> None:
     started = cli(service, "start", str(workspace), "--environment", "default")
     url = re.search(r"url\s+(http://\S+)", started.stdout)
     password = re.search(r"password\s+(\S+)", started.stdout)
@@ -41,7 +41,7 @@ def test_start_ls_status_logs_stop(service: Service, workspace: Path) -> None:
     listed = cli(service, "ls")
     assert session_id in listed.stdout
     assert "running" in listed.stdout
-    assert "docker" in listed.stdout
+    assert runtime in listed.stdout
     as_json = json.loads(cli(service, "ls", "--json").stdout)
     assert [s["id"] for s in as_json] == [session_id]
 

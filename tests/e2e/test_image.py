@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import docker
+import pytest
 from docker.models.containers import Container
 
 from codestation import SessionInfo, Settings, Status
@@ -18,6 +19,7 @@ def run(container: Container, script: str) -> str:
     return output.decode()
 
 
+@pytest.mark.runtimes("docker")
 def test_a_missing_image_is_built_on_first_need_and_then_reused(
     start_service: ServiceFactory, workspace: Path
 ) -> None:

@@ -73,4 +73,4 @@ def test_twenty_concurrent_starts(start_service: ServiceFactory, tmp_path: Path)
     assert len(running) >= 18, [s.error for s in ended if s.error]
     stopped = service.client.stop_all()
     assert {s.id for s in stopped} == {s.id for s in running}
-    assert service.containers() == []
+    assert service.leftovers() == []

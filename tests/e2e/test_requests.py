@@ -15,7 +15,7 @@ START = "/api/v1/code/start"
 def assert_nothing_created(service: Service) -> None:
     with service.http() as http:
         assert http.get("/api/v1/code/sessions").json() == {"sessions": []}
-    assert service.containers() == []
+    assert service.leftovers() == []
 
 
 def test_workspace_rules(service: Service, tmp_path: Path) -> None:
@@ -94,9 +94,9 @@ def test_unknown_sessions_and_routes(service: Service) -> None:
         assert bad_tail.status_code in (404, 422)
 
 
-def test_the_api_describes_itself(service: Service) -> None:
+def test_the_api_describes_itself(service: Service, runtime: str) -> None:
     with service.http() as http:
         spec = http.get("/openapi.json").json()
         assert "/api/v1/code/start" in spec["paths"]
         assert http.get("/docs").status_code == 200
-        assert http.get("/healthz").json()["runtime"] == "docker"
+        assert http.get("/healthz").json()["runtime"] == runtime

@@ -17,7 +17,7 @@ from codestation.api.routes import router
 from codestation.config import Settings
 from codestation.errors import CodestationError
 from codestation.manager import SessionManager
-from codestation.runtimes import make_runtime
+from codestation.runtimes import make_runtimes
 from codestation.store import Store
 
 log = logging.getLogger("codestation")
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.db_path)
-        manager = SessionManager(settings, store, make_runtime(settings))
+        manager = SessionManager(settings, store, make_runtimes(settings))
         try:
             await manager.open()
         except BaseException:
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         app.state.manager = manager
         log.info("codestation %s: runtime %s, data in %s", __version__,
-                 manager.runtime.name, settings.data_dir)  # fmt: skip
+                 manager.default_runtime, settings.data_dir)  # fmt: skip
         try:
             yield
         finally:

@@ -107,7 +107,7 @@ async def stop_all(manager: Manager) -> StopAllResponse:
 
 @router.get("/healthz", response_model=Health, tags=["service"])
 async def healthz(manager: Manager) -> Health:
-    return Health(ok=True, runtime=manager.runtime.name, version=__version__)
+    return Health(ok=True, runtime=manager.default_runtime, version=__version__)
 
 
 router.include_router(code)

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 from codestation.config import Settings
+from codestation.errors import RuntimeUnavailable
 from codestation.runtimes.base import Exit, LaunchSpec, Runtime, State
+from codestation.runtimes.bwrap import BwrapRuntime
+from codestation.runtimes.docker import DockerRuntime
+
+RUNTIMES: dict[str, type[Runtime]] = {"docker": DockerRuntime, "bwrap": BwrapRuntime}
 
 
-def make_runtime(settings: Settings) -> Runtime:
-    from codestation.runtimes.docker import DockerRuntime
+def make_runtimes(settings: Settings) -> dict[str, Runtime]:
+    """One of each; they connect to nothing until used."""
+    return {name: cls(settings) for name, cls in RUNTIMES.items()}
 
-    return DockerRuntime(settings)
+
+async def choose_runtime(settings: Settings, runtimes: dict[str, Runtime]) -> str:
+    """The runtime sessions use unless their environment names one.
+
+    `auto` takes Docker when an engine answers, else bubblewrap when it can make a sandbox.
+    """
+    if settings.runtime != "auto":
+        await runtimes[settings.runtime].check()
+        return settings.runtime
+    reasons = []
+    for name in ("docker", "bwrap"):
+        try:
+            await runtimes[name].check()
+        except RuntimeUnavailable as exc:
+            reasons.append(f"{name}: {exc}")
+            continue
+        return name
+    raise RuntimeUnavailable(
+        "no runtime can run sessions here. Either start a Docker engine or install bubblewrap "
+        "(`sudo apt-get install bubblewrap`). " + " ".join(reasons)
+    )
 
 
-__all__ = ["Exit", "LaunchSpec", "Runtime", "State", "make_runtime"]
+__all__ = ["RUNTIMES", "Exit", "LaunchSpec", "Runtime", "State", "choose_runtime", "make_runtimes"]

@@ -11,6 +11,8 @@ after a restart: nothing a runtime needs to find a session again may live only i
 Every method must accept the state `{}`, meaning "`start` may have begun but never returned";
 a runtime that can find its sandbox by session id alone (Docker: by name) should do so.
 
+A runtime is built with the settings (`Runtime(settings)`) and connects to nothing until used.
+
 Rules for each method:
 
 - `check()`: raise RuntimeUnavailable, saying how to fix it, if sessions cannot start now.
@@ -29,8 +31,9 @@ Rules for each method:
 - `logs(session_id, state, tail)`: the last `tail` lines of the agent's output.
 - `follow(session_id, state, tail)`: the last `tail` lines of the agent's output, then the rest
   as it comes, until the agent ends or the caller stops iterating.
-- `running_sessions()`: the ids of every session whose sandbox this runtime runs for this
-  data directory, recorded or not (the manager removes those no record knows).
+- `running_sessions()`: the ids of every session this runtime still holds a sandbox for (running
+  or exited) under this data directory, recorded or not: the manager `stop`s those no live
+  record knows.
 - `close()`: release connections; sessions keep running.
 """
 
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from codestation.config import EnvironmentProfile
+from codestation.config import EnvironmentProfile, Settings
 
 State = dict[str, Any]
 Report = Callable[[str], None]
@@ -71,6 +74,9 @@ class Exit:
 
 class Runtime(ABC):
     name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     @abstractmethod
     async def check(self) -> None: ...

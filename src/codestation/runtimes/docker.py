@@ -41,7 +41,7 @@ class DockerRuntime(Runtime):
     name = "docker"
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self._client: docker.DockerClient | None = None
 
     @property

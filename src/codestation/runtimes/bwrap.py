@@ -1,0 +1,305 @@
+"""The bubblewrap runtime: OpenCode on the host, inside a bwrap sandbox. No daemon needed.
+
+What the agent sees: /usr and /etc read-only, the OpenCode binary read-only at
+/opt/opencode/bin/opencode, the workspace read-write at /workspace (its working directory),
+a private /tmp (also its HOME), its own /proc and /dev. Nothing else of the host: not the
+user's home, not other workspaces, not codestation's data directory. It has its own PID, IPC
+and UTS namespaces and no new privileges (bwrap sets PR_SET_NO_NEW_PRIVS). Unlike Docker it
+shares the host's network: OpenCode listens on the publish address and the leased port itself.
+
+It runs as the workspace owner's uid:gid, with no capabilities, when the service runs as root
+(bwrap sets up the mounts as root, `setpriv` inside switches user); else as the service's own
+user, in a user namespace bwrap makes.
+
+Sessions outlive the service: bwrap is started in a session of its own, and its pid and
+start time are kept (in the state and in `run/<id>.json` under the data directory), so the
+next service re-adopts it, or ends it; bwrap writes its exit status to `run/<id>.status`,
+which tells how a session ended even when the service that started it is gone. OpenCode's
+output goes to `logs/<id>.log`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from codestation import agent
+from codestation.config import EnvironmentProfile, Settings
+from codestation.errors import RuntimeUnavailable, StartFailed
+from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
+
+BINARY_INSIDE = "/opt/opencode/bin/opencode"
+PATH_INSIDE = "/opt/opencode/bin:/usr/local/bin:/usr/bin:/bin"
+
+
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot): with the pid, its identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # a zombie has exited already
+        return None
+    return int(fields[19])
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("r", errors="replace") as f:
+            return "".join(collections.deque(f, maxlen=lines))
+    except FileNotFoundError:
+        return ""
+
+
+class BwrapRuntime(Runtime):
+    name = "bwrap"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.run_dir = settings.data_dir / "run"
+        self.log_dir = settings.data_dir / "logs"
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _bwrap(self) -> str:
+        found = shutil.which("bwrap")
+        if found is None:
+            raise RuntimeUnavailable(
+                "bubblewrap is not installed; install it (`sudo apt-get install bubblewrap`) "
+                "or start a Docker engine."
+            )
+        return found
+
+    async def check(self) -> None:
+        bwrap = self._bwrap()
+        if os.geteuid() == 0 and shutil.which("setpriv") is None:
+            raise RuntimeUnavailable(
+                "setpriv (util-linux) is needed to run sessions as the workspace owner; "
+                "install util-linux."
+            )
+        probe = await asyncio.to_thread(
+            subprocess.run,
+            [bwrap, "--ro-bind", "/", "/", "--unshare-pid", "--", "true"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if probe.returncode != 0:
+            raise RuntimeUnavailable(
+                f"bubblewrap cannot create a sandbox here ({probe.stderr.strip()}); allow "
+                "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) "
+                "or start a Docker engine."
+            )
+
+    async def prepare(self, profile: EnvironmentProfile, report: Report) -> None:
+        if profile.image is not None:
+            raise StartFailed(
+                f"this environment names the image {profile.image}, which only the Docker "
+                "runtime can run; set its runtime to docker or remove the image."
+            )
+        report("installing OpenCode")
+        await asyncio.to_thread(agent.opencode_binary, self.settings)
+
+    def _argv(self, spec: LaunchSpec, binary: Path, status_fd: int) -> list[str]:
+        argv = [self._bwrap(), "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            host = Path("/") / top
+            if host.is_symlink():  # merged /usr: /bin -> usr/bin
+                argv += ["--symlink", os.readlink(host), f"/{top}"]
+            elif host.is_dir():
+                argv += ["--ro-bind", str(host), f"/{top}"]
+        argv += [
+            "--perms", "0755", "--dir", "/opt",
+            "--perms", "0755", "--dir", "/opt/opencode",
+            "--perms", "0755", "--dir", "/opt/opencode/bin",
+            "--ro-bind", str(binary), BINARY_INSIDE,
+            "--bind", str(spec.workspace), "/workspace",
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--perms", "1777", "--tmpfs", "/tmp",
+            "--chdir", "/workspace",
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--hostname", f"codestation-{spec.session_id}",
+            "--json-status-fd", str(status_fd),
+        ]  # fmt: skip
+        command = agent.serve_command(spec.address, spec.port, BINARY_INSIDE)
+        if os.geteuid() != 0:
+            # Unprivileged: bwrap makes a user namespace; the agent is the service's own user.
+            return [*argv, "--", *command]
+        # As root, bwrap makes no user namespace and would leave the agent every capability:
+        # drop them all but what setpriv needs to become the workspace's owner, which then
+        # leaves it none (and an empty bounding set). A root-owned workspace keeps uid 0, bare.
+        argv += ["--cap-drop", "ALL"]
+        if spec.uid == 0:
+            return [*argv, "--", *command]
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
+        setpriv = [
+            "setpriv", f"--reuid={spec.uid}", f"--regid={spec.gid}", "--clear-groups",
+            "--bounding-set=-all", "--inh-caps=-all", "--",
+        ]  # fmt: skip
+        return [*argv, "--", *setpriv, *command]
+
+    async def start(self, spec: LaunchSpec) -> State:
+        binary = await asyncio.to_thread(agent.opencode_binary, self.settings)
+        return await asyncio.to_thread(self._start, spec, binary)
+
+    def _start(self, spec: LaunchSpec, binary: Path) -> State:
+        for d in (self.run_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_path = self.log_dir / f"{spec.session_id}.log"
+        status_path = self.run_dir / f"{spec.session_id}.status"
+        # Credentials go through the environment, never the command line (`ps` shows that).
+        env = {
+            "PATH": PATH_INSIDE,
+            "HOME": "/tmp",
+            "LANG": "C.UTF-8",
+            "TERM": "xterm-256color",
+            **spec.env,
+        }
+        with log_path.open("ab") as log, status_path.open("wb") as status:
+            try:
+                child = subprocess.Popen(
+                    self._argv(spec, binary, status.fileno()),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd="/",
+                    pass_fds=(status.fileno(),),
+                    start_new_session=True,  # outlives the service; one group to signal
+                )
+            except OSError as exc:
+                raise StartFailed(f"bubblewrap could not be started: {exc}") from exc
+        started = _start_time(child.pid)
+        state: State = {"pid": child.pid, "start_time": started}
+        self._children[spec.session_id] = child
+        (self.run_dir / f"{spec.session_id}.json").write_text(json.dumps(state))
+        return state
+
+    def _state(self, session_id: str, state: State) -> State:
+        if state.get("pid"):
+            return state
+        try:  # a launch whose state never reached the store
+            recorded: State = json.loads((self.run_dir / f"{session_id}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return recorded
+
+    def _alive(self, session_id: str, state: State) -> bool:
+        """Whether anything of the sandbox still runs: bwrap, or what it started.
+
+        bwrap leads a process group of its own. It may die before OpenCode (SIGTERM kills it
+        at once, while OpenCode takes a second or two), so the group is what counts. The
+        kernel keeps a pid from reuse while its group has members; once the leader's pid names
+        a process started at another time, the group is long gone.
+        """
+        pid = state.get("pid")
+        if not isinstance(pid, int):
+            return False
+        child = self._children.get(session_id)
+        if child is not None:
+            child.poll()  # reap it, so a dead bwrap does not linger as a zombie in the group
+        started = _start_time(pid)
+        if started is not None and started != state.get("start_time"):
+            return False
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # members that are not ours to signal still exist
+            return True
+        return True
+
+    async def poll(self, session_id: str, state: State) -> Exit | None:
+        state = self._state(session_id, state)
+        if not state:
+            return Exit(reason="its sandbox was never started")
+        if self._alive(session_id, state):
+            return None
+        child = self._children.get(session_id)
+        code = child.returncode if child is not None else self._exit_code(session_id)
+        if code is None:
+            return Exit(reason="its process is gone")
+        if code < 0:
+            return Exit(reason=f"OpenCode was killed by signal {-code}", code=128 - code)
+        return Exit(reason=f"OpenCode exited with status {code}", code=code)
+
+    def _exit_code(self, session_id: str) -> int | None:
+        try:
+            lines = (self.run_dir / f"{session_id}.status").read_text().splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if "exit-code" in record:
+                    return int(record["exit-code"])
+        return None
+
+    async def stop(self, session_id: str, state: State, grace: float) -> str:
+        state = self._state(session_id, state)
+        if state and self._alive(session_id, state):
+            pid = int(state["pid"])
+            self._signal(pid, signal.SIGTERM)
+            if not await self._gone(session_id, state, grace):
+                self._signal(pid, signal.SIGKILL)
+                await self._gone(session_id, state, 30)
+        child = self._children.pop(session_id, None)
+        if child is not None:
+            child.wait()
+        log_path = self.log_dir / f"{session_id}.log"
+        tail = _tail(log_path, self.settings.log_tail_lines)
+        for path in (
+            log_path,
+            self.run_dir / f"{session_id}.json",
+            self.run_dir / f"{session_id}.status",
+        ):
+            path.unlink(missing_ok=True)
+        return tail
+
+    async def _gone(self, session_id: str, state: State, seconds: float) -> bool:
+        """Wait up to `seconds` for the sandbox to end; whether it did."""
+        for _ in range(max(1, round(seconds / 0.05))):
+            if not self._alive(session_id, state):
+                return True
+            await asyncio.sleep(0.05)
+        return not self._alive(session_id, state)
+
+    @staticmethod
+    def _signal(pid: int, sig: signal.Signals) -> None:
+        # The whole group: bwrap, its init in the new PID namespace, OpenCode and its tools.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+
+    async def logs(self, session_id: str, state: State, tail: int) -> str:
+        return await asyncio.to_thread(_tail, self.log_dir / f"{session_id}.log", tail)
+
+    async def follow(self, session_id: str, state: State, tail: int) -> AsyncIterator[bytes]:
+        state = self._state(session_id, state)
+        path = self.log_dir / f"{session_id}.log"
+        yield (await self.logs(session_id, state, tail)).encode()
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
+            f.seek(0, os.SEEK_END)
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    yield chunk
+                    continue
+                if not state or not self._alive(session_id, state):
+                    return
+                await asyncio.sleep(0.25)
+
+    async def running_sessions(self) -> set[str]:
+        return {record.stem for record in self.run_dir.glob("*.json")}
