@@ -32,7 +32,7 @@ from codestation.errors import (
     UnknownEnvironment,
 )
 from codestation.ports import PortAllocator
-from codestation.runtimes import LaunchSpec, Runtime, State, choose_runtime
+from codestation.runtimes import Exit, LaunchSpec, Runtime, State, choose_runtime
 from codestation.sessions import Session, Status, new_session_id, now
 from codestation.store import Store
 from codestation.workspaces import validate_workspace
@@ -41,6 +41,7 @@ log = logging.getLogger("codestation")
 
 PROBE_INTERVAL = 0.1
 PROBE_TIMEOUT = 1.0
+WATCH_INTERVAL = 1.0
 
 
 class SessionManager:
@@ -57,6 +58,7 @@ class SessionManager:
         self._launches: dict[str, asyncio.Task[None]] = {}
         self._prepare_lock = asyncio.Lock()
         self._http = httpx.AsyncClient()
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- lifecycle of the manager itself ---------------------------------------------------
 
@@ -65,10 +67,13 @@ class SessionManager:
         self.default_runtime = await choose_runtime(self.settings, self.runtimes)
         self._checked.add(self.default_runtime)
         await self.reconcile()
+        self._watcher = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
         """Stop watching; sessions keep running and are re-adopted at the next `open`."""
         tasks = list(self._launches.values())
+        if self._watcher is not None:
+            tasks.append(self._watcher)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -110,6 +115,21 @@ class SessionManager:
                 "reconciled %d live session(s); removed %d orphan sandbox(es)",
                 len(live), len(orphans),
             )  # fmt: skip
+
+    async def _watch(self) -> None:
+        """Notice running sessions whose agent died (it crashed, was killed, ran out of memory)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            running = [s for s in self.store.list(live_only=True) if s.status is Status.RUNNING]
+            results = await asyncio.gather(
+                *(self.runtimes[s.runtime].poll(s.id, s.runtime_state) for s in running),
+                return_exceptions=True,
+            )
+            for session, result in zip(running, results, strict=True):
+                if isinstance(result, Exit):
+                    await self._fail(session.id, f"OpenCode stopped unexpectedly: {result.reason}")
+                elif isinstance(result, Exception):
+                    log.warning("cannot poll session %s: %s", session.id, result)
 
     async def _readopt(self, session: Session) -> None:
         if session.status is Status.STOPPING:
@@ -288,7 +308,7 @@ class SessionManager:
     async def _fail(self, session_id: str, reason: str) -> None:
         async with self._locks[session_id]:
             session = self.get(session_id)
-            if session.status is not Status.STARTING:
+            if session.status not in (Status.STARTING, Status.RUNNING):
                 return  # a stop took over
             runtime = self.runtimes[session.runtime]
             tail = await runtime.stop(session_id, session.runtime_state, 0)

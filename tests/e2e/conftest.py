@@ -22,6 +22,7 @@ from typing import Any
 import docker
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from codestation import Client, SessionInfo
@@ -226,7 +227,10 @@ def run_in_session(session: SessionInfo, script: str, timeout: float = 30) -> tu
     with connect(ws_url, additional_headers={"Authorization": f"Basic {token}"}) as ws:
         deadline = time.monotonic() + timeout
         while not (done := re.search(r"__exit=(\d+)\r?\n", output)):
-            message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+            except ConnectionClosed as exc:
+                raise AssertionError(f"the PTY closed early; it printed {output!r}") from exc
             output += message if isinstance(message, str) else message.decode(errors="replace")
     httpx.delete(f"{url}/pty/{pty_id}", auth=auth, timeout=10)
     printed = output[: done.start()].split("}", 1)[-1]  # after the cursor frame

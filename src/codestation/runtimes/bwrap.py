@@ -129,6 +129,7 @@ class BwrapRuntime(Runtime):
             "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--hostname", f"codestation-{spec.session_id}",
             "--json-status-fd", str(status_fd),
+            "--remount-ro", "/",  # the sandbox's own root too: only /workspace and /tmp write
         ]  # fmt: skip
         command = agent.serve_command(spec.address, spec.port, BINARY_INSIDE)
         if os.geteuid() != 0:
