@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up everything codestation needs on a Debian/Ubuntu machine, idempotently:
-# system packages, a running Docker engine, the Python environment, and the sandbox image
-# (which brings the pinned OpenCode from npm). Safe to run again: each step skips what is done.
+# Set up everything codestation needs on a Debian/Ubuntu machine, idempotently: system packages,
+# a running Docker engine where one can run (else sessions use bubblewrap), the Python
+# environment, the pinned OpenCode from npm and the sandbox image. Safe to run again: each step
+# skips what is done. CODESTATION_NO_DOCKER=1 leaves Docker alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v npm >/dev/null || need+=(npm)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
@@ -20,8 +22,10 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# -- the Docker engine ---------------------------------------------------------------------------
-if ! docker info >/dev/null 2>&1; then
+# -- the Docker engine (sessions fall back to bubblewrap where it cannot run) -----------------------
+if [ "${CODESTATION_NO_DOCKER:-}" = 1 ]; then
+  say "CODESTATION_NO_DOCKER=1: not starting Docker"
+elif ! docker info >/dev/null 2>&1; then
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     say "starting Docker with systemd"
     as_root systemctl start docker
@@ -30,7 +34,7 @@ if ! docker info >/dev/null 2>&1; then
     as_root sh -c 'nohup dockerd >/var/log/dockerd.log 2>&1 &'
   fi
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-  docker info >/dev/null 2>&1 || { echo "dockerd did not come up; see /var/log/dockerd.log" >&2; exit 1; }
+  docker info >/dev/null 2>&1 || say "dockerd did not come up (see /var/log/dockerd.log); sessions will use bubblewrap"
 fi
 
 # -- Python environment --------------------------------------------------------------------------
@@ -45,6 +49,6 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   touch .venv/.installed
 fi
 
-# -- the sandbox image (and the pinned OpenCode) --------------------------------------------------
-say "sandbox image"
-.venv/bin/codestation image build
+# -- the sandbox image (Docker) and the pinned OpenCode (both runtimes) ---------------------------
+say "preparing the runtimes"
+.venv/bin/codestation prepare

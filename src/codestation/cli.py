@@ -224,6 +224,34 @@ def config() -> None:
     out.print_json(json.dumps(masked(settings.model_dump(mode="json"))))
 
 
+@app.command()
+def prepare() -> None:
+    """Get every runtime that can run here ready for the default environment (the sandbox
+    image for Docker, the pinned OpenCode for bubblewrap), showing progress."""
+    import asyncio
+
+    from codestation.runtimes import make_runtimes
+
+    settings = Settings()
+    profile = settings.environments["default"]
+    ready = []
+    for name, runtime in make_runtimes(settings).items():
+        try:
+            asyncio.run(runtime.check())
+        except CodestationError as exc:
+            err.print(f"[yellow]{name}: not available[/yellow] ({exc})", highlight=False)
+            continue
+        with err.status(f"{name}: preparing") as progress:
+            try:
+                asyncio.run(runtime.prepare(profile, lambda line: progress.update(line[:100])))
+            except CodestationError as exc:
+                raise _fail(f"{name}: {exc}") from None
+        err.print(f"{name}: ready")
+        ready.append(name)
+    if not ready:
+        raise _fail("no runtime can run sessions here; start Docker or install bubblewrap.")
+
+
 @image_app.command("build")
 def image_build() -> None:
     """Build the sandbox image now (it is also built on first need), showing progress."""

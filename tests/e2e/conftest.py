@@ -140,7 +140,9 @@ def _wait_healthy(service: Service) -> None:
     raise RuntimeError(f"the service did not answer in 60 s:\n{service.log.read_text()}")
 
 
-def launch(tmp_path: Path, ports: tuple[int, int], **settings: str) -> Service:
+def launch(
+    tmp_path: Path, ports: tuple[int, int], extra_env: dict[str, str], **settings: str
+) -> Service:
     data_dir = tmp_path / f"data-{len(list(tmp_path.glob('data-*')))}"
     port = free_port()
     env = {
@@ -150,6 +152,7 @@ def launch(tmp_path: Path, ports: tuple[int, int], **settings: str) -> Service:
         "CODESTATION_PORT_RANGE_START": str(ports[0]),
         "CODESTATION_PORT_RANGE_END": str(ports[1]),
         **{f"CODESTATION_{k.upper()}": v for k, v in settings.items()},
+        **extra_env,
     }
     env.pop("CODESTATION_CONFIG", None)
     log = tmp_path / f"service-{port}.log"
@@ -162,12 +165,22 @@ ServiceFactory = Callable[..., Service]
 
 
 @pytest.fixture
-def start_service(tmp_path: Path, runtime: str) -> Iterator[ServiceFactory]:
-    started: list[Service] = []
+def start_service(launch_service: ServiceFactory, runtime: str) -> ServiceFactory:
+    """Start a service whose sessions run in this test's runtime."""
 
     def factory(size: int = 10, **settings: str) -> Service:
-        settings.setdefault("runtime", runtime)
-        service = launch(tmp_path, free_range(size), **settings)
+        return launch_service(size, **{"runtime": runtime, **settings})
+
+    return factory
+
+
+@pytest.fixture
+def launch_service(tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Start a service with exactly these settings (and extra environment variables in `env`)."""
+    started: list[Service] = []
+
+    def factory(size: int = 10, env: dict[str, str] | None = None, **settings: str) -> Service:
+        service = launch(tmp_path, free_range(size), env or {}, **settings)
         started.append(service)
         return service
 
