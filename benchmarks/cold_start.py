@@ -1,10 +1,12 @@
-"""Cold start: codestation's session start beside bare OpenCode's, measured side by side.
+"""Cold start: codestation's session start, in each runtime, beside bare OpenCode's.
 
-(a) codestation: POST /api/v1/code/start -> OpenCode healthy through the published port.
-(b) bare: the same OpenCode binary started on the host in the same directory -> healthy.
+(a) codestation, Docker: POST /api/v1/code/start -> OpenCode healthy through the published port.
+(b) codestation, bubblewrap: the same, in the bwrap sandbox.
+(c) bare: the same OpenCode binary started on the host in the same directory -> healthy.
 
-Runs are interleaved (a, b, a, b, ...) so drift on a noisy machine hits both alike. Prints the
-medians and the ratio a/b. Needs what `make run` sets up (a Docker engine, the sandbox image).
+Runs are interleaved (a, b, c, a, b, c, ...) so drift on a noisy machine hits all alike. Prints
+the medians and the ratios a/c and b/c. Needs what `make run` sets up (a Docker engine, the
+sandbox image, bubblewrap).
 
     .venv/bin/python benchmarks/cold_start.py [--runs 7]
 """
@@ -48,9 +50,9 @@ def wait_healthy(url: str, password: str, deadline: float) -> None:
     raise TimeoutError(f"{url} did not become healthy")
 
 
-def codestation_start(client: Client, workspace: Path) -> float:
+def codestation_start(client: Client, workspace: Path, environment: str) -> float:
     begin = time.monotonic()
-    started = client.start(str(workspace))
+    started = client.start(str(workspace), environment)
     session = client.wait(started.id, interval=0.02, timeout=120)
     if session.url is None:
         raise RuntimeError(f"session failed: {session.error}")
@@ -82,7 +84,13 @@ def bare_start(binary: Path, workspace: Path) -> float:
 
 
 def serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CODESTATION_DATA_DIR": str(data_dir), "CODESTATION_PORT": str(port)}
+    env = {
+        **os.environ,
+        "CODESTATION_DATA_DIR": str(data_dir),
+        "CODESTATION_PORT": str(port),
+        "CODESTATION_RUNTIME": "docker",
+        "CODESTATION_ENVIRONMENTS": '{"bwrap": {"runtime": "bwrap"}}',
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "codestation.cli", "serve"],
         env=env,
@@ -114,21 +122,29 @@ def main() -> None:
         service = serve(Path(tmp, "data"), port)
         try:
             with Client(f"http://127.0.0.1:{port}") as client:
-                codestation_start(client, workspace)  # warm-up: image present, caches hot
+                # Warm-up: the image and the binary in place, caches hot.
+                codestation_start(client, workspace, "default")
+                codestation_start(client, workspace, "bwrap")
                 bare_start(binary, workspace)
-                a, b = [], []
+                a, b, c = [], [], []
                 for i in range(args.runs):
-                    a.append(codestation_start(client, workspace))
-                    b.append(bare_start(binary, workspace))
-                    print(f"run {i + 1}: codestation {a[-1]:.2f} s, bare {b[-1]:.2f} s", flush=True)
+                    a.append(codestation_start(client, workspace, "default"))
+                    b.append(codestation_start(client, workspace, "bwrap"))
+                    c.append(bare_start(binary, workspace))
+                    print(
+                        f"run {i + 1}: docker {a[-1]:.2f} s, bwrap {b[-1]:.2f} s, "
+                        f"bare {c[-1]:.2f} s",
+                        flush=True,
+                    )
         finally:
             service.terminate()
             service.wait(timeout=30)
-    ma, mb = statistics.median(a), statistics.median(b)
+    ma, mb, mc = statistics.median(a), statistics.median(b), statistics.median(c)
     print(f"\nmedian over {args.runs} runs")
-    print(f"  (a) codestation start -> healthy (docker): {ma:.2f} s")
-    print(f"  (b) bare opencode serve -> healthy:        {mb:.2f} s")
-    print(f"  ratio a/b: {ma / mb:.2f}")
+    print(f"  (a) codestation start -> healthy, docker: {ma:.2f} s")
+    print(f"  (b) codestation start -> healthy, bwrap:  {mb:.2f} s")
+    print(f"  (c) bare opencode serve -> healthy:       {mc:.2f} s")
+    print(f"  ratio a/c: {ma / mc:.2f}   ratio b/c: {mb / mc:.2f}")
 
 
 if __name__ == "__main__":
