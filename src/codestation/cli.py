@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +49,16 @@ STATUS_STYLE = {
 def _fail(message: str) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(1)
+
+
+@contextmanager
+def _service(url: str) -> Iterator[Client]:
+    """A client whose errors end the command with their sentence and exit status 1."""
+    with Client(url) as client:
+        try:
+            yield client
+        except CodestationError as exc:
+            raise _fail(str(exc)) from None
 
 
 def _age(session: SessionInfo) -> str:
@@ -110,17 +123,14 @@ def start(
     as_json: JsonOption = False,
 ) -> None:
     """Start a session on WORKSPACE and (by default) wait until it runs."""
-    with Client(url) as client:
-        try:
-            session: SessionInfo = client.start(str(workspace.absolute()), environment)
-            if wait:
-                with err.status(f"starting {session.id}") as status:
-                    session = client.wait(
-                        session.id,
-                        on_update=lambda s: status.update(f"{s.id}: {s.step or s.status}"),
-                    )
-        except CodestationError as exc:
-            raise _fail(str(exc)) from None
+    with _service(url) as client:
+        session: SessionInfo = client.start(str(workspace.absolute()), environment)
+        if wait:
+            with err.status(f"starting {session.id}") as status:
+                session = client.wait(
+                    session.id,
+                    on_update=lambda s: status.update(f"{s.id}: {s.step or s.status}"),
+                )
     if as_json:
         out.print_json(session.model_dump_json())
     else:
@@ -132,11 +142,8 @@ def start(
 @app.command("ls")
 def list_sessions(url: UrlOption = DEFAULT_URL, as_json: JsonOption = False) -> None:
     """List sessions."""
-    with Client(url) as client:
-        try:
-            sessions = client.sessions()
-        except CodestationError as exc:
-            raise _fail(str(exc)) from None
+    with _service(url) as client:
+        sessions = client.sessions()
     if as_json:
         out.print_json(json.dumps([json.loads(s.model_dump_json()) for s in sessions]))
         return
@@ -153,11 +160,8 @@ def list_sessions(url: UrlOption = DEFAULT_URL, as_json: JsonOption = False) -> 
 @app.command()
 def status(session_id: str, url: UrlOption = DEFAULT_URL, as_json: JsonOption = False) -> None:
     """Show one session, with its URL and credentials."""
-    with Client(url) as client:
-        try:
-            session = client.session(session_id)
-        except CodestationError as exc:
-            raise _fail(str(exc)) from None
+    with _service(url) as client:
+        session = client.session(session_id)
     if as_json:
         out.print_json(session.model_dump_json())
     else:
@@ -172,18 +176,13 @@ def logs(
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Print a session's OpenCode log."""
-    with Client(url) as client:
-        try:
-            if follow:
-                for text in client.follow_logs(session_id, tail):
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-            else:
-                sys.stdout.write(client.logs(session_id, tail))
-        except CodestationError as exc:
-            raise _fail(str(exc)) from None
-        except KeyboardInterrupt:
-            pass
+    with _service(url) as client, contextlib.suppress(KeyboardInterrupt):
+        if follow:
+            for text in client.follow_logs(session_id, tail):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        else:
+            sys.stdout.write(client.logs(session_id, tail))
 
 
 @app.command()
@@ -195,11 +194,8 @@ def stop(
     """Stop a session (or --all); its workspace is left as it is."""
     if (session_id is None) == (not all_):
         raise _fail("give a session id, or --all (not both).")
-    with Client(url) as client:
-        try:
-            stopped = client.stop_all() if all_ else [client.stop(session_id or "")]
-        except CodestationError as exc:
-            raise _fail(str(exc)) from None
+    with _service(url) as client:
+        stopped = client.stop_all() if all_ else [client.stop(session_id or "")]
     for s in stopped:
         out.print(f"{s.id} {s.status}")
 
@@ -207,11 +203,8 @@ def stop(
 @app.command("rm")
 def remove(session_id: str, url: UrlOption = DEFAULT_URL) -> None:
     """Stop a session and forget it."""
-    with Client(url) as client:
-        try:
-            client.delete(session_id)
-        except CodestationError as exc:
-            raise _fail(str(exc)) from None
+    with _service(url) as client:
+        client.delete(session_id)
     out.print(f"{session_id} removed")
 
 

@@ -1,15 +1,15 @@
 import socket
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from codestation.errors import NoFreePort
 from codestation.ports import PortAllocator, port_is_free
-from codestation.sessions import Session, Status, new_session_id
+from codestation.sessions import Session, Status
 from codestation.store import Store
+from tests.unit.factories import make_session
 
 
 def free_block(size: int) -> int:
@@ -21,17 +21,7 @@ def free_block(size: int) -> int:
 
 
 def factory(port: int) -> Session:
-    return Session(
-        id=new_session_id(),
-        status=Status.STARTING,
-        runtime="docker",
-        workspace=Path("/tmp"),
-        environment="default",
-        port=port,
-        username="opencode",
-        password="x",
-        created_at=datetime.now(UTC),
-    )
+    return make_session(port)
 
 
 @pytest.fixture

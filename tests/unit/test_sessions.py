@@ -1,27 +1,16 @@
 import re
 from dataclasses import replace
-from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from codestation.sessions import TRANSITIONS, InvalidTransition, Session, Status, new_session_id
+from tests.unit.factories import make_session
 
 DNS_LABEL = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def make(status: Status = Status.STARTING) -> Session:
-    return Session(
-        id=new_session_id(),
-        status=status,
-        runtime="docker",
-        workspace=Path("/tmp/w"),
-        environment="default",
-        port=30000,
-        username="opencode",
-        password="pw",
-        created_at=datetime.now(UTC),
-    )
+    return make_session(status=status)
 
 
 def test_the_happy_path_stamps_start_and_stop_times() -> None:

@@ -1,26 +1,15 @@
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from codestation.sessions import Session, Status, new_session_id
+from codestation.sessions import Session, Status
 from codestation.store import PortTaken, Store
+from tests.unit.factories import make_session
 
 
 def make(port: int) -> Session:
-    return Session(
-        id=new_session_id(),
-        status=Status.STARTING,
-        runtime="docker",
-        workspace=Path("/tmp/w"),
-        environment="default",
-        port=port,
-        username="opencode",
-        password="secret",
-        created_at=datetime.now(UTC),
-        runtime_state={"container_id": "abc"},
-    )
+    return make_session(port, runtime_state={"container_id": "abc"})
 
 
 @pytest.fixture
