@@ -121,9 +121,3 @@ def _install(version: str, target: Path) -> None:
         # Rename within one file system, so a concurrent reader never sees half a binary.
         os.replace(built, target)
 
-
-def binary_version(binary: Path) -> str:
-    result = subprocess.run(
-        [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=30
-    )
-    return result.stdout.strip()
