@@ -120,4 +120,3 @@ def _install(version: str, target: Path) -> None:
         built.chmod(0o755)
         # Rename within one file system, so a concurrent reader never sees half a binary.
         os.replace(built, target)
-
