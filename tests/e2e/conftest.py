@@ -7,9 +7,8 @@ directory, no port still leased or held.
 
 from __future__ import annotations
 
-import base64
 import os
-import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -22,8 +21,6 @@ from typing import Any
 import docker
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 from codestation import Client, SessionInfo
 from codestation.ports import port_is_free
@@ -224,27 +221,29 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
 
 def run_in_session(session: SessionInfo, script: str, timeout: float = 30) -> tuple[int, str]:
     """Run `script` in a shell inside the session's sandbox through OpenCode's own PTY API (as
-    the agent's shell tool would); return its exit status and what it printed."""
+    the agent's shell tool would); return its exit status and what it printed.
+
+    The shell leaves both in the workspace, where the test reads them from the host: reading
+    them over the PTY's WebSocket proved racy (OpenCode sometimes closes a fresh connection).
+    """
     auth = (session.auth.username, session.auth.password)
-    url = session.url or ""
-    # The PTY is forgotten once its process exits: keep it alive until the output is read.
-    wrapped = f"{script}\necho __exit=$?; sleep 30"
+    tag = secrets.token_hex(6)
+    out, status = Path(session.workspace, f".t-{tag}.out"), Path(session.workspace, f".t-{tag}")
+    wrapped = (
+        f"({script}) > /workspace/{out.name} 2>&1; "
+        f"echo $? > /workspace/{status.name}.tmp; mv /workspace/{status.name}.tmp "
+        f"/workspace/{status.name}"
+    )
     created = httpx.post(
-        f"{url}/pty", auth=auth, timeout=10, json={"command": "sh", "args": ["-c", wrapped]}
+        f"{session.url}/pty", auth=auth, timeout=10, json={"command": "sh", "args": ["-c", wrapped]}
     )
     assert created.status_code == 200, created.text
-    pty_id = created.json()["id"]
-    token = base64.b64encode(":".join(auth).encode()).decode()
-    output = ""
-    ws_url = url.replace("http://", "ws://") + f"/pty/{pty_id}/connect?cursor=0"
-    with connect(ws_url, additional_headers={"Authorization": f"Basic {token}"}) as ws:
-        deadline = time.monotonic() + timeout
-        while not (done := re.search(r"__exit=(\d+)\r?\n", output)):
-            try:
-                message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-            except ConnectionClosed as exc:
-                raise AssertionError(f"the PTY closed early; it printed {output!r}") from exc
-            output += message if isinstance(message, str) else message.decode(errors="replace")
-    httpx.delete(f"{url}/pty/{pty_id}", auth=auth, timeout=10)
-    printed = output[: done.start()].split("}", 1)[-1]  # after the cursor frame
-    return int(done.group(1)), printed
+    deadline = time.monotonic() + timeout
+    while not status.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{script!r} did not finish in {timeout} s")
+        time.sleep(0.05)
+    code, printed = int(status.read_text()), out.read_text()
+    status.unlink()
+    out.unlink()
+    return code, printed

@@ -89,7 +89,7 @@ def test_the_agent_runs_as_the_workspace_owner(service: Service, workspace: Path
         os.chown(path, 4321, 4322)
     session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
-    assert run_in_session(session, "id -u; id -g") == (0, "4321\r\n4322\r\n")
+    assert run_in_session(session, "id -u; id -g") == (0, "4321\n4322\n")
     # A file the agent's shell writes belongs to the user, not to root.
     assert run_in_session(session, "echo hi > /workspace/written-by-agent")[0] == 0
     made = (workspace / "written-by-agent").stat()
