@@ -141,16 +141,7 @@ class SessionManager:
             resume = self._launch(runtime, session.id, resume=session.runtime_state)
             self._spawn(session.id, resume)
         elif exit_ is not None:
-            tail = await runtime.stop(session.id, session.runtime_state, self.settings.stop_timeout)
-            await self._change(
-                session.id,
-                lambda s: s.advance(
-                    Status.FAILED,
-                    error=f"lost while codestation was down: {exit_.reason}",
-                    log_tail=tail or s.log_tail,
-                    step=None,
-                ),
-            )
+            await self._fail(session.id, f"lost while codestation was down: {exit_.reason}")
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -306,6 +297,8 @@ class SessionManager:
             await asyncio.sleep(PROBE_INTERVAL)
 
     async def _fail(self, session_id: str, reason: str) -> None:
+        """Mark a starting or running session failed, remove what is left of its sandbox, and
+        keep the reason and the last lines of its log."""
         async with self._locks[session_id]:
             session = self.get(session_id)
             if session.status not in (Status.STARTING, Status.RUNNING):

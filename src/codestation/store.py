@@ -68,7 +68,9 @@ class PortTaken(Exception):
 
 class Store:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The database, its WAL and the sandboxes' records hold every session's password.
+        path.parent.chmod(0o700)
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)

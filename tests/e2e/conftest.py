@@ -247,3 +247,17 @@ def run_in_session(session: SessionInfo, script: str, timeout: float = 30) -> tu
     status.unlink()
     out.unlink()
     return code, printed
+
+
+def agent_pid(session: SessionInfo) -> int:
+    """The host pid of the session's OpenCode, found by its password in its environment."""
+    marker = f"OPENCODE_SERVER_PASSWORD={session.auth.password}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            is_agent = cmdline[0].endswith(b"opencode") and b"serve" in cmdline  # not bwrap
+            if is_agent and marker in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    raise LookupError("no OpenCode process for the session")

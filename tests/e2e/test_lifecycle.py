@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
 
 from codestation import Status
 from codestation.ports import port_is_free
-from tests.e2e.conftest import Service, ServiceFactory, run_in_session, snapshot
+from tests.e2e.conftest import Service, ServiceFactory, agent_pid, run_in_session, snapshot
 
 
 def test_start_run_reach_and_stop(service: Service, workspace: Path, runtime: str) -> None:
@@ -123,3 +125,21 @@ def test_a_running_session_survives_a_service_restart(
     assert (again.url, again.auth.password) == (session.url, session.auth.password)
     auth = (again.auth.username, again.auth.password)
     assert httpx.get(f"{again.url}/global/health", auth=auth, timeout=10).status_code == 200
+
+
+def test_a_session_that_died_while_the_service_was_down_is_marked_failed(
+    start_service: ServiceFactory, workspace: Path
+) -> None:
+    service = start_service()
+    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    assert session.status is Status.RUNNING, session.error
+    service.stop_process()
+    os.kill(agent_pid(session), signal.SIGKILL)
+    time.sleep(1)  # let the sandbox notice its agent is gone and end
+    service.restart()
+    lost = service.client.session(session.id)
+    assert lost.status is Status.FAILED
+    assert lost.error is not None
+    assert "lost while codestation was down" in lost.error
+    assert port_is_free("127.0.0.1", session.port)
+    assert service.leftovers() == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from codestation import SessionInfo, Status
-from tests.e2e.conftest import Service, run_in_session
+from tests.e2e.conftest import Service, agent_pid, run_in_session
 
 
 def running(service: Service, workspace: Path) -> SessionInfo:
@@ -55,20 +55,6 @@ def test_bwrap_confines_the_agent(
     service.client.stop(session.id)
     assert (workspace / "made-inside").exists()
     assert (other / "secret.txt").read_text() == "not yours"
-
-
-def agent_pid(session: SessionInfo) -> int:
-    """The host pid of the session's OpenCode, found by its password in its environment."""
-    marker = f"OPENCODE_SERVER_PASSWORD={session.auth.password}".encode()
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            is_agent = cmdline[0].endswith(b"opencode") and b"serve" in cmdline  # not bwrap
-            if is_agent and marker in (proc / "environ").read_bytes().split(b"\0"):
-                return int(proc.name)
-        except (OSError, ValueError):
-            continue
-    raise LookupError("no OpenCode process for the session")
 
 
 def test_a_crashed_agent_is_noticed(service: Service, workspace: Path) -> None:

@@ -77,4 +77,5 @@ def test_delete_forgets_session_and_lease(store: Store) -> None:
 
 def test_the_database_is_private(store: Store) -> None:
     assert store.path.stat().st_mode & 0o077 == 0
+    assert store.path.parent.stat().st_mode & 0o077 == 0
     assert replace(make(1), port=2).port == 2
