@@ -122,10 +122,15 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def local_host(self) -> str:
+        """Where this machine reaches a session's port (the readiness probe, for one)."""
+        wildcard = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}
+        return wildcard.get(self.publish_address, self.publish_address)
+
+    @property
     def session_host(self) -> str:
-        if self.public_host:
-            return self.public_host
-        return "127.0.0.1" if self.publish_address in ("0.0.0.0", "") else self.publish_address
+        """The host name put in session URLs."""
+        return self.public_host or self.local_host
 
     @property
     def db_path(self) -> Path:

@@ -276,9 +276,7 @@ class SessionManager:
 
     async def _wait_ready(self, runtime: Runtime, session_id: str, state: State) -> None:
         session = self.get(session_id)
-        host = self.settings.publish_address
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
-        url = f"http://{host}:{session.port}"
+        url = f"http://{self.settings.local_host}:{session.port}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.start_timeout
         while True:
