@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -66,6 +67,25 @@ async def is_healthy(client: httpx.AsyncClient, url: str, password: str, seconds
         return bool(response.json().get("healthy"))
     except ValueError:
         return False
+
+
+async def last_activity(client: httpx.AsyncClient, url: str, password: str) -> datetime | None:
+    """When the agent last did something, as OpenCode tells: now if a session of it is working
+    or a shell of it runs, else the last change to any of its sessions. None if it won't say."""
+    auth = (USERNAME, password)
+    try:
+        statuses = (await client.get(f"{url}/session/status", auth=auth, timeout=5)).json()
+        shells = (await client.get(f"{url}/pty", auth=auth, timeout=5)).json()
+        sessions = (await client.get(f"{url}/session", auth=auth, timeout=5)).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    busy = any(s.get("type") != "idle" for s in statuses.values()) or any(
+        p.get("status") == "running" for p in shells
+    )
+    if busy:
+        return datetime.now(UTC)
+    updated = [s["time"]["updated"] for s in sessions if s.get("time", {}).get("updated")]
+    return datetime.fromtimestamp(max(updated) / 1000, UTC) if updated else None
 
 
 def _npm_platform_package() -> str:

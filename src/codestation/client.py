@@ -60,8 +60,20 @@ class Client:
         result: dict[str, Any] = self._request("GET", "/healthz").json()
         return result
 
-    def start(self, workspace: str, environment: str = "default") -> StartResponse:
-        body = StartRequest(workspace=workspace, environment=environment).model_dump()
+    def start(
+        self,
+        workspace: str,
+        environment: str = "default",
+        *,
+        idle_timeout: float | None = None,
+        max_age: float | None = None,
+    ) -> StartResponse:
+        body = StartRequest(
+            workspace=workspace,
+            environment=environment,
+            idle_timeout=idle_timeout,
+            max_age=max_age,
+        ).model_dump(exclude_none=True)
         return StartResponse.model_validate(
             self._request("POST", "/api/v1/code/start", json=body).json()
         )

@@ -24,6 +24,19 @@ OPENCODE_VERSION = "1.18.33"
 DEFAULT_CONFIG_FILE = Path("~/.config/codestation/config.toml")
 
 
+class Limits(BaseModel):
+    """What one session may use; unset means no limit. The Docker runtime applies them;
+    bubblewrap cannot (it has no cgroup of its own) and says so in the session's `limits`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory: str | None = Field(
+        default="4g", pattern=r"^\d+[bkmg]?$", description="Memory, e.g. 512m or 4g."
+    )
+    cpus: float | None = Field(default=2.0, gt=0, description="CPUs, e.g. 1.5.")
+    pids: int | None = Field(default=1024, gt=0, description="Processes and threads.")
+
+
 class EnvironmentProfile(BaseModel):
     """What a session started with `environment=<name>` gets."""
 
@@ -46,6 +59,11 @@ class EnvironmentProfile(BaseModel):
         description="OpenCode configuration (provider, model, ...), "
         "passed as OPENCODE_CONFIG_CONTENT.",
     )
+    limits: Limits | None = Field(default=None, description="Unset: the service's limits.")
+    idle_timeout: float | None = Field(
+        default=None, ge=0, description="Unset: the service's idle_timeout."
+    )
+    max_age: float | None = Field(default=None, ge=0, description="Unset: the service's max_age.")
 
 
 def _default_roots() -> list[Path]:
@@ -106,6 +124,24 @@ class Settings(BaseSettings):
         default=None, description="Mirror for debootstrap; defaults to the one apt uses."
     )
     log_tail_lines: int = Field(default=40, ge=1, le=10000)
+    limits: Limits = Field(default_factory=Limits)
+    idle_timeout: float = Field(
+        default=3600,
+        ge=0,
+        description="Seconds a running session may go without activity before it is stopped "
+        "(0: never). Activity: API calls about it, the agent working, its shell running.",
+    )
+    max_age: float = Field(
+        default=86400, ge=0, description="Seconds after its start a session is stopped (0: never)."
+    )
+    cull_interval: float = Field(
+        default=30, gt=0, description="Seconds between checks for idle and old sessions."
+    )
+    stop_on_shutdown: bool = Field(
+        default=False,
+        description="Stop every session when the service stops; by default they keep running "
+        "and are re-adopted at the next start.",
+    )
     environments: dict[str, EnvironmentProfile] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -16,7 +16,8 @@ import asyncio
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from codestation import agent
 from codestation.config import Settings
 from codestation.errors import (
     AgentExited,
+    BadRequest,
     CodestationError,
     RuntimeUnavailable,
     SessionNotFound,
@@ -58,7 +60,8 @@ class SessionManager:
         self._launches: dict[str, asyncio.Task[None]] = {}
         self._prepare_lock = asyncio.Lock()
         self._http = httpx.AsyncClient()
-        self._watcher: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._touched: dict[str, datetime] = {}
 
     # -- lifecycle of the manager itself ---------------------------------------------------
 
@@ -67,13 +70,17 @@ class SessionManager:
         self.default_runtime = await choose_runtime(self.settings, self.runtimes)
         self._checked.add(self.default_runtime)
         await self.reconcile()
-        self._watcher = asyncio.create_task(self._watch())
+        self._loops = [
+            asyncio.create_task(self._every(WATCH_INTERVAL, self.watch)),
+            asyncio.create_task(self._every(self.settings.cull_interval, self.cull)),
+        ]
 
     async def close(self) -> None:
-        """Stop watching; sessions keep running and are re-adopted at the next `open`."""
-        tasks = list(self._launches.values())
-        if self._watcher is not None:
-            tasks.append(self._watcher)
+        """Stop watching. Sessions keep running and are re-adopted at the next `open`, unless
+        `stop_on_shutdown` is set."""
+        if self.settings.stop_on_shutdown:
+            await self.stop_all(reason="shutdown")
+        tasks = [*self._launches.values(), *self._loops]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -116,20 +123,52 @@ class SessionManager:
                 len(live), len(orphans),
             )  # fmt: skip
 
-    async def _watch(self) -> None:
-        """Notice running sessions whose agent died (it crashed, was killed, ran out of memory)."""
+    async def _every(self, seconds: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            running = [s for s in self.store.list(live_only=True) if s.status is Status.RUNNING]
-            results = await asyncio.gather(
-                *(self.runtimes[s.runtime].poll(s.id, s.runtime_state) for s in running),
-                return_exceptions=True,
-            )
-            for session, result in zip(running, results, strict=True):
-                if isinstance(result, Exit):
-                    await self._fail(session.id, f"OpenCode stopped unexpectedly: {result.reason}")
-                elif isinstance(result, Exception):
-                    log.warning("cannot poll session %s: %s", session.id, result)
+            await asyncio.sleep(seconds)
+            try:
+                await work()
+            except Exception:  # a loop that dies would watch nothing; log and go on
+                log.exception("%s failed; trying again in %g s", work.__name__, seconds)
+
+    def _running(self) -> list[Session]:
+        return [s for s in self.store.list(live_only=True) if s.status is Status.RUNNING]
+
+    async def watch(self) -> None:
+        """Notice running sessions whose agent died (it crashed, was killed, ran out of memory)."""
+        running = self._running()
+        results = await asyncio.gather(
+            *(self.runtimes[s.runtime].poll(s.id, s.runtime_state) for s in running),
+            return_exceptions=True,
+        )
+        for session, result in zip(running, results, strict=True):
+            if isinstance(result, Exit):
+                await self._fail(session.id, f"OpenCode stopped unexpectedly: {result.reason}")
+            elif isinstance(result, Exception):
+                log.warning("cannot poll session %s: %s", session.id, result)
+
+    def touch(self, session_id: str) -> None:
+        """Count an API call about the session as activity (kept in memory, saved by `cull`)."""
+        self._touched[self.get(session_id).id] = now()
+
+    async def cull(self) -> None:
+        """Stop running sessions idle longer than their idle_timeout or older than their
+        max_age. Activity is the latest of: API calls about the session, the agent working or
+        its shell running (asked of OpenCode), and the last change to its OpenCode sessions."""
+        running = self._running()
+        touched, self._touched = self._touched, {}
+        seen = await asyncio.gather(
+            *(agent.last_activity(self._http, self._local_url(s), s.password) for s in running)
+        )
+        for session, agent_seen in zip(running, seen, strict=True):
+            times = (session.last_activity, touched.get(session.id), agent_seen)
+            latest = max((t for t in times if t is not None), default=None)
+            if latest is not None and latest != session.last_activity:
+                session = await self._record_activity(session.id, latest)
+            why = session.due(now())
+            if why is not None:
+                log.info("session %s: stopping, %s", session.id, why.replace("_", " "))
+                await self.stop(session.id, reason=why)
 
     async def _readopt(self, session: Session) -> None:
         if session.status is Status.STOPPING:
@@ -159,6 +198,9 @@ class SessionManager:
     def url(self, session: Session) -> str:
         return f"http://{self.settings.session_host}:{session.port}"
 
+    def _local_url(self, session: Session) -> str:
+        return f"http://{self.settings.local_host}:{session.port}"
+
     async def logs(self, session_id: str, tail: int) -> str:
         session = self.get(session_id)
         if session.status.live:
@@ -178,7 +220,14 @@ class SessionManager:
 
     # -- starting --------------------------------------------------------------------------
 
-    async def start(self, workspace: str, environment: str = "default") -> Session:
+    async def start(
+        self,
+        workspace: str,
+        environment: str = "default",
+        *,
+        idle_timeout: float | None = None,
+        max_age: float | None = None,
+    ) -> Session:
         """Record a new `starting` session and launch it in the background."""
         profile = self.settings.environments.get(environment)
         if profile is None:
@@ -186,6 +235,15 @@ class SessionManager:
             raise UnknownEnvironment(
                 f"environment {environment!r} is not configured; choose one of: {names}."
             )
+        idle = _bounded(
+            "idle_timeout",
+            idle_timeout,
+            profile.idle_timeout,
+            self.settings.idle_timeout,
+            environment,
+        )
+        age = _bounded("max_age", max_age, profile.max_age, self.settings.max_age, environment)
+        limits = profile.limits or self.settings.limits
         path = validate_workspace(workspace, self.settings.allowed_roots, self.settings.data_dir)
         runtime = await self._runtime(profile.runtime or self.default_runtime)
         owner = path.stat()
@@ -203,6 +261,9 @@ class SessionManager:
                 password=password,
                 created_at=now(),
                 step="queued",
+                idle_timeout=idle,
+                max_age=age,
+                limits=runtime.enforced(limits),
             )
         )
         spec = LaunchSpec(
@@ -212,6 +273,7 @@ class SessionManager:
             port=session.port,
             env=agent.agent_env(password, profile),
             profile=profile,
+            limits=limits,
             uid=owner.st_uid,
             gid=owner.st_gid,
         )
@@ -276,7 +338,7 @@ class SessionManager:
 
     async def _wait_ready(self, runtime: Runtime, session_id: str, state: State) -> None:
         session = self.get(session_id)
-        url = f"http://{self.settings.local_host}:{session.port}"
+        url = self._local_url(session)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.start_timeout
         while True:
@@ -311,14 +373,16 @@ class SessionManager:
 
     # -- stopping --------------------------------------------------------------------------
 
-    async def stop(self, session_id: str) -> Session:
-        """Stop a session and remove its sandbox. Idempotent; safe to call concurrently."""
+    async def stop(self, session_id: str, reason: str = "requested") -> Session:
+        """Stop a session and remove its sandbox. Idempotent; safe to call concurrently.
+
+        `reason` says why: requested, idle, max_age or shutdown."""
         async with self._locks[session_id]:
             session = self.get(session_id)
             if not session.status.live:
                 return session
             if session.status is not Status.STOPPING:
-                self.store.save(session.advance(Status.STOPPING, step="stopping"))
+                self.store.save(session.advance(Status.STOPPING, step="stopping", reason=reason))
             launch = self._launches.get(session_id)
         if launch is not None:
             launch.cancel()
@@ -334,9 +398,9 @@ class SessionManager:
         log.info("session %s stopped", session_id)
         return session
 
-    async def stop_all(self) -> list[Session]:
+    async def stop_all(self, reason: str = "requested") -> list[Session]:
         live = self.store.list(live_only=True)
-        return list(await asyncio.gather(*(self.stop(s.id) for s in live)))
+        return list(await asyncio.gather(*(self.stop(s.id, reason) for s in live)))
 
     async def delete(self, session_id: str) -> None:
         await self.stop(session_id)
@@ -360,5 +424,25 @@ class SessionManager:
             lambda s: s.with_changes(step=step) if s.status is Status.STARTING else s,
         )
 
+    async def _record_activity(self, session_id: str, at: datetime) -> Session:
+        return await self._change(
+            session_id, lambda s: s.with_changes(last_activity=max(at, s.last_activity or at))
+        )
+
     async def _record_state(self, session_id: str, state: State) -> None:
         await self._change(session_id, lambda s: s.with_changes(runtime_state=state))
+
+
+def _bounded(
+    name: str, asked: float | None, profile: float | None, service: float, environment: str
+) -> float:
+    """The session's `name`: what was asked, if the environment's limit allows it."""
+    limit = service if profile is None else profile
+    if asked is None:
+        return limit
+    if limit and asked > limit:
+        raise BadRequest(
+            f"{name} may be at most {limit:g} s in environment {environment!r}; "
+            "ask for less, or leave it out to get the most."
+        )
+    return asked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +20,18 @@ class StartRequest(BaseModel):
     )
     environment: str = Field(
         default="default", description="Name of an environment profile from the config."
+    )
+    idle_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop it after this many seconds without activity; at most the "
+        "environment's idle_timeout (unset: the environment's).",
+    )
+    max_age: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop it this many seconds after its start; at most the environment's "
+        "max_age (unset: the environment's).",
     )
 
 
@@ -40,6 +53,15 @@ class SessionInfo(BaseModel):
     stopped_at: datetime | None
     error: str | None = Field(description="Why the session failed, with its last log lines.")
     step: str | None = Field(description="What a starting or stopping session is doing now.")
+    reason: str | None = Field(description="Why it stopped: requested, idle, max_age or shutdown.")
+    idle_timeout: float = Field(
+        description="Seconds without activity before it is stopped; 0: never."
+    )
+    max_age: float = Field(description="Seconds after creation it is stopped; 0: never.")
+    last_activity: datetime | None
+    limits: dict[str, Any] = Field(
+        description="Resource limits its runtime enforces (memory, cpus, pids); empty if none."
+    )
     auth: Auth = Field(description="HTTP Basic credentials OpenCode asks for.")
 
 

@@ -80,6 +80,22 @@ class Session:
     step: str | None = None
     runtime_state: dict[str, Any] = field(default_factory=dict)
     log_tail: str | None = None
+    reason: str | None = None  # why it stopped: requested, idle, max_age, shutdown
+    idle_timeout: float = 0  # seconds without activity before it is stopped; 0: never
+    max_age: float = 0  # seconds after its creation it is stopped; 0: never
+    last_activity: datetime | None = None
+    limits: dict[str, Any] = field(default_factory=dict)  # what its runtime enforces
+
+    def due(self, at: datetime) -> str | None:
+        """Why a running session should be culled at `at` (`max_age`, `idle`), or None."""
+        if self.status is not Status.RUNNING:
+            return None
+        if self.max_age and (at - self.created_at).total_seconds() >= self.max_age:
+            return "max_age"
+        active = self.last_activity or self.started_at or self.created_at
+        if self.idle_timeout and (at - active).total_seconds() >= self.idle_timeout:
+            return "idle"
+        return None
 
     def advance(self, status: Status, **changes: Any) -> Session:
         """A copy moved to `status`, stamped with the time it started or ended."""

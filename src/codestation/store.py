@@ -13,53 +13,41 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, get_args, get_origin, get_type_hints
 
 from codestation.sessions import Session, Status
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id            TEXT PRIMARY KEY,
-    status        TEXT NOT NULL,
-    runtime       TEXT NOT NULL,
-    workspace     TEXT NOT NULL,
-    environment   TEXT NOT NULL,
-    port          INTEGER NOT NULL,
-    username      TEXT NOT NULL,
-    password      TEXT NOT NULL,
-    created_at    TEXT NOT NULL,
-    started_at    TEXT,
-    stopped_at    TEXT,
-    error         TEXT,
-    step          TEXT,
-    runtime_state TEXT NOT NULL DEFAULT '{}',
-    log_tail      TEXT
-);
-CREATE TABLE IF NOT EXISTS port_leases (
-    port       INTEGER PRIMARY KEY,
-    session_id TEXT NOT NULL UNIQUE REFERENCES sessions(id) ON DELETE CASCADE
-);
-"""
+# SQLite column types of the Session fields; `_to_row`/`_from_row` convert by the field's type.
+_SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL"}
+_FIELDS = {f.name: f for f in fields(Session)}
+_HINTS = get_type_hints(Session)
+_COLUMNS = list(_FIELDS)
 
-_COLUMNS = [
-    "id",
-    "status",
-    "runtime",
-    "workspace",
-    "environment",
-    "port",
-    "username",
-    "password",
-    "created_at",
-    "started_at",
-    "stopped_at",
-    "error",
-    "step",
-    "runtime_state",
-    "log_tail",
-]
+
+def _base_type(name: str) -> Any:
+    """The field's type without `| None`."""
+    kind = _HINTS[name]
+    if isinstance(kind, UnionType):
+        return next(t for t in get_args(kind) if t is not type(None))
+    return kind
+
+
+def _schema() -> list[str]:
+    columns = []
+    for name in _COLUMNS:
+        sql = _SQL_TYPES.get(_base_type(name), "TEXT")
+        columns.append(f"{name} {sql}" + (" PRIMARY KEY" if name == "id" else ""))
+    return [
+        f"CREATE TABLE IF NOT EXISTS sessions ({', '.join(columns)})",
+        "CREATE TABLE IF NOT EXISTS port_leases ("
+        " port INTEGER PRIMARY KEY,"
+        " session_id TEXT NOT NULL UNIQUE REFERENCES sessions(id) ON DELETE CASCADE)",
+    ]
 
 
 class PortTaken(Exception):
@@ -79,9 +67,13 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         with self._transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in _schema():
+                db.execute(statement)
+            # A store made by an older version gains the columns it lacks (all may be NULL).
+            have = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+            for name in _COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE sessions ADD COLUMN {name}")
 
     def close(self) -> None:
         with self._lock:
@@ -156,46 +148,35 @@ class Store:
             db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
 
-def _stamp(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+def _encode(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return value
+
+
+def _decode(name: str, raw: Any) -> Any:
+    if raw is None:
+        default = _FIELDS[name].default_factory  # e.g. a column added by a later version
+        return default() if default is not MISSING else _FIELDS[name].default
+    base = _base_type(name)
+    if base is datetime:
+        return datetime.fromisoformat(raw)
+    if get_origin(base) is dict:
+        return json.loads(raw)
+    if base in (Status, Path):
+        return base(raw)
+    return raw
 
 
 def _to_row(s: Session) -> tuple[Any, ...]:
-    return (
-        s.id,
-        s.status.value,
-        s.runtime,
-        str(s.workspace),
-        s.environment,
-        s.port,
-        s.username,
-        s.password,
-        s.created_at.isoformat(),
-        _stamp(s.started_at),
-        _stamp(s.stopped_at),
-        s.error,
-        s.step,
-        json.dumps(s.runtime_state),
-        s.log_tail,
-    )
+    return tuple(_encode(getattr(s, name)) for name in _COLUMNS)
 
 
 def _from_row(row: tuple[Any, ...]) -> Session:
-    v = dict(zip(_COLUMNS, row, strict=True))
-    return Session(
-        id=v["id"],
-        status=Status(v["status"]),
-        runtime=v["runtime"],
-        workspace=Path(v["workspace"]),
-        environment=v["environment"],
-        port=v["port"],
-        username=v["username"],
-        password=v["password"],
-        created_at=datetime.fromisoformat(v["created_at"]),
-        started_at=datetime.fromisoformat(v["started_at"]) if v["started_at"] else None,
-        stopped_at=datetime.fromisoformat(v["stopped_at"]) if v["stopped_at"] else None,
-        error=v["error"],
-        step=v["step"],
-        runtime_state=json.loads(v["runtime_state"]),
-        log_tail=v["log_tail"],
-    )
+    return Session(**{name: _decode(name, raw) for name, raw in zip(_COLUMNS, row, strict=True)})

@@ -66,3 +66,23 @@ def test_session_ids_are_unique_dns_labels() -> None:
     for session_id in list(ids)[:500]:
         assert DNS_LABEL.match(session_id), session_id
         assert len(session_id) <= 63
+
+
+def test_due_says_max_age_before_idle_and_only_for_running_sessions() -> None:
+    from datetime import timedelta
+
+    start = make().created_at
+    s = make().with_changes(created_at=start, idle_timeout=60, max_age=3600)
+    assert s.due(start + timedelta(hours=2)) is None  # not running
+    r = s.advance(Status.RUNNING).with_changes(started_at=start, last_activity=start)
+    assert r.due(start + timedelta(seconds=59)) is None
+    assert r.due(start + timedelta(seconds=61)) == "idle"
+    assert (
+        r.with_changes(last_activity=start + timedelta(seconds=30)).due(
+            start + timedelta(seconds=61)
+        )
+        is None
+    )
+    assert r.due(start + timedelta(hours=1)) == "max_age"
+    never = r.with_changes(idle_timeout=0, max_age=0)
+    assert never.due(start + timedelta(days=365)) is None

@@ -51,6 +51,11 @@ def info(manager: SessionManager, s: Session) -> SessionInfo:
         stopped_at=s.stopped_at,
         error=s.error,
         step=s.step,
+        reason=s.reason,
+        idle_timeout=s.idle_timeout,
+        max_age=s.max_age,
+        last_activity=s.last_activity,
+        limits=s.limits,
         auth=Auth(username=s.username, password=s.password),
     )
 
@@ -58,7 +63,9 @@ def info(manager: SessionManager, s: Session) -> SessionInfo:
 @code.post("/start", status_code=202, response_model=StartResponse)
 async def start(body: StartRequest, manager: Manager) -> StartResponse:
     """Start a session; it answers at once with `starting`, poll the session to see it run."""
-    session = await manager.start(body.workspace, body.environment)
+    session = await manager.start(
+        body.workspace, body.environment, idle_timeout=body.idle_timeout, max_age=body.max_age
+    )
     return StartResponse(session_id=session.id, **info(manager, session).model_dump())
 
 
@@ -69,6 +76,7 @@ async def sessions(manager: Manager) -> SessionList:
 
 @code.get("/session/{session_id}", response_model=SessionInfo)
 async def session(session_id: str, manager: Manager) -> SessionInfo:
+    manager.touch(session_id)
     return info(manager, manager.get(session_id))
 
 
@@ -80,6 +88,7 @@ async def logs(
     follow: Annotated[bool, Query(description="Keep streaming new output.")] = False,
 ) -> Response:
     """The agent's output (OpenCode's log); a stopped session keeps its last lines."""
+    manager.touch(session_id)
     if follow:
         manager.get(session_id)  # a 404 before the stream begins
         return StreamingResponse(manager.follow(session_id, tail), media_type="text/plain")

@@ -15,6 +15,8 @@ A runtime is built with the settings (`Runtime(settings)`) and connects to nothi
 
 Rules for each method:
 
+- `enforced(limits)`: the part of `limits` this runtime applies to a session, as JSON (`{}`
+  if it can apply none); shown with the session.
 - `check()`: raise RuntimeUnavailable, saying how to fix it, if sessions cannot start now.
   Cheap; called at service start-up.
 - `prepare(profile, report)`: get what `start` needs for this environment (an image, a binary).
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from codestation.config import EnvironmentProfile, Settings
+from codestation.config import EnvironmentProfile, Limits, Settings
 
 State = dict[str, Any]
 Report = Callable[[str], None]
@@ -59,6 +61,7 @@ class LaunchSpec:
     port: int
     env: dict[str, str]
     profile: EnvironmentProfile
+    limits: Limits
     uid: int
     gid: int
 
@@ -77,6 +80,9 @@ class Runtime(ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+
+    @abstractmethod
+    def enforced(self, limits: Limits) -> dict[str, Any]: ...
 
     @abstractmethod
     async def check(self) -> None: ...

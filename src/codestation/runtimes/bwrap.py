@@ -30,9 +30,10 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from codestation import agent
-from codestation.config import EnvironmentProfile, Settings
+from codestation.config import EnvironmentProfile, Limits, Settings
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
 
@@ -77,6 +78,9 @@ class BwrapRuntime(Runtime):
                 "or start a Docker engine."
             )
         return found
+
+    def enforced(self, limits: Limits) -> dict[str, Any]:
+        return {}  # no cgroup of its own to limit; documented
 
     async def check(self) -> None:
         bwrap = self._bwrap()

@@ -23,7 +23,7 @@ import docker.errors
 from docker.models.containers import Container
 
 from codestation import agent
-from codestation.config import EnvironmentProfile, Settings
+from codestation.config import EnvironmentProfile, Limits, Settings
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.image import ensure_image, image_tag
 from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
@@ -61,6 +61,9 @@ class DockerRuntime(Runtime):
             f"the Docker engine at {where} does not answer ({exc}); start it "
             "(`sudo systemctl start docker`, or `sudo dockerd &`) or point DOCKER_HOST at one."
         )
+
+    def enforced(self, limits: Limits) -> dict[str, Any]:
+        return {k: v for k, v in limits.model_dump().items() if v is not None}
 
     async def check(self) -> None:
         try:
@@ -111,6 +114,7 @@ class DockerRuntime(Runtime):
                 },
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
+                **_limits(spec.limits),
             )
         except docker.errors.DockerException as exc:
             self._remove(name)  # `run` creates before it starts; a failed start leaves one
@@ -213,3 +217,15 @@ class DockerRuntime(Runtime):
     async def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _limits(limits: Limits) -> dict[str, Any]:
+    """`limits` as arguments of `containers.run`; memory includes swap, so it is a hard cap."""
+    args: dict[str, Any] = {}
+    if limits.memory is not None:
+        args["mem_limit"] = args["memswap_limit"] = limits.memory
+    if limits.cpus is not None:
+        args["nano_cpus"] = int(limits.cpus * 1e9)
+    if limits.pids is not None:
+        args["pids_limit"] = limits.pids
+    return args
