@@ -134,6 +134,12 @@ class Settings(BaseSettings):
     max_age: float = Field(
         default=86400, ge=0, description="Seconds after its start a session is stopped (0: never)."
     )
+    watch_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between polls of running sessions for a dead agent (the backstop "
+        "of the runtime's events).",
+    )
     cull_interval: float = Field(
         default=30, gt=0, description="Seconds between checks for idle and old sessions."
     )

@@ -34,7 +34,7 @@ from codestation.errors import (
     UnknownEnvironment,
 )
 from codestation.ports import PortAllocator
-from codestation.runtimes import Exit, LaunchSpec, Runtime, State, choose_runtime
+from codestation.runtimes import LaunchSpec, Runtime, State, choose_runtime
 from codestation.sessions import Session, Status, new_session_id, now
 from codestation.store import Store
 from codestation.workspaces import validate_workspace
@@ -43,7 +43,6 @@ log = logging.getLogger("codestation")
 
 PROBE_INTERVAL = 0.1
 PROBE_TIMEOUT = 1.0
-WATCH_INTERVAL = 1.0
 
 
 class SessionManager:
@@ -71,8 +70,9 @@ class SessionManager:
         self._checked.add(self.default_runtime)
         await self.reconcile()
         self._loops = [
-            asyncio.create_task(self._every(WATCH_INTERVAL, self.watch)),
+            asyncio.create_task(self._every(self.settings.watch_interval, self.watch)),
             asyncio.create_task(self._every(self.settings.cull_interval, self.cull)),
+            *(asyncio.create_task(self._follow_ends(r)) for r in self.runtimes.values()),
         ]
 
     async def close(self) -> None:
@@ -131,6 +131,24 @@ class SessionManager:
             except Exception:  # a loop that dies would watch nothing; log and go on
                 log.exception("%s failed; trying again in %g s", work.__name__, seconds)
 
+    async def _follow_ends(self, runtime: Runtime) -> None:
+        """Poll a session the moment its runtime says its sandbox ended (sooner than `watch`,
+        which is the backstop); reconnect to the runtime's events whenever they break off."""
+        while True:
+            try:
+                async for session_id in runtime.ended():
+                    session = self.store.get(session_id)
+                    if session is not None and session.status is Status.RUNNING:
+                        await self._notice_end(session)
+            except Exception as exc:  # the engine went away: the poll covers until it is back
+                log.debug("%s events broke off (%s); reconnecting", runtime.name, exc)
+            await asyncio.sleep(1)
+
+    async def _notice_end(self, session: Session) -> None:
+        exit_ = await self.runtimes[session.runtime].poll(session.id, session.runtime_state)
+        if exit_ is not None:
+            await self._fail(session.id, f"OpenCode stopped unexpectedly: {exit_.reason}")
+
     def _running(self) -> list[Session]:
         return [s for s in self.store.list(live_only=True) if s.status is Status.RUNNING]
 
@@ -138,13 +156,10 @@ class SessionManager:
         """Notice running sessions whose agent died (it crashed, was killed, ran out of memory)."""
         running = self._running()
         results = await asyncio.gather(
-            *(self.runtimes[s.runtime].poll(s.id, s.runtime_state) for s in running),
-            return_exceptions=True,
+            *(self._notice_end(s) for s in running), return_exceptions=True
         )
         for session, result in zip(running, results, strict=True):
-            if isinstance(result, Exit):
-                await self._fail(session.id, f"OpenCode stopped unexpectedly: {result.reason}")
-            elif isinstance(result, Exception):
+            if isinstance(result, Exception):
                 log.warning("cannot poll session %s: %s", session.id, result)
 
     def touch(self, session_id: str) -> None:

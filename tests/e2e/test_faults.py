@@ -168,6 +168,22 @@ def test_docker_kill_is_noticed_within_two_seconds(service: Service, workspace: 
 
 
 @pytest.mark.runtimes("docker")
+def test_the_engine_s_events_report_a_death_without_the_poll(
+    start_service: ServiceFactory, workspace: Path
+) -> None:
+    service = start_service(watch_interval="3600")  # the backstop poll never comes
+    session = service.client.wait(service.client.start(str(workspace)).id)
+    engine = docker.from_env()
+    engine.containers.get(f"codestation-{session.id}").kill()
+    engine.close()
+    deadline = time.monotonic() + 20
+    while service.client.session(session.id).status is Status.RUNNING:
+        assert time.monotonic() < deadline, "the die event was not acted on"
+        time.sleep(0.1)
+    assert service.client.session(session.id).status is Status.FAILED
+
+
+@pytest.mark.runtimes("docker")
 def test_orphan_containers_are_removed_at_start_up(
     start_service: ServiceFactory, workspace: Path
 ) -> None:

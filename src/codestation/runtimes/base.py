@@ -36,6 +36,9 @@ Rules for each method:
 - `running_sessions()`: the ids of every session this runtime still holds a sandbox for (running
   or exited) under this data directory, recorded or not: the manager `stop`s those no live
   record knows.
+- `ended()`: session ids whose sandbox may just have ended, as the engine reports them, so the
+  manager can poll them at once. Runs until cancelled; the manager's periodic `poll` of every
+  running session is the backstop, so a runtime without such events yields nothing.
 - `close()`: release connections; sessions keep running.
 """
 
@@ -107,6 +110,10 @@ class Runtime(ABC):
 
     @abstractmethod
     async def running_sessions(self) -> set[str]: ...
+
+    async def ended(self) -> AsyncIterator[str]:
+        return
+        yield  # an async generator that yields nothing
 
     async def close(self) -> None:
         return None

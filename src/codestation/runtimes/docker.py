@@ -187,25 +187,20 @@ class DockerRuntime(Runtime):
         stream = await asyncio.to_thread(
             container.logs, stdout=True, stderr=True, stream=True, follow=True, tail=tail
         )
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        async for chunk in _pumped(stream, f"logs-{session_id}"):
+            yield chunk
 
-        def pump() -> None:
-            # A thread of its own: a followed log may stay open for hours.
-            try:
-                for chunk in stream:
-                    loop.call_soon_threadsafe(chunks.put_nowait, chunk)
-            except Exception:  # the stream was closed under us
-                pass
-            finally:
-                loop.call_soon_threadsafe(chunks.put_nowait, None)
-
-        threading.Thread(target=pump, name=f"logs-{session_id}", daemon=True).start()
-        try:
-            while (chunk := await chunks.get()) is not None:
-                yield chunk
-        finally:
-            stream.close()
+    async def ended(self) -> AsyncIterator[str]:
+        filters = {
+            "type": "container",
+            "event": "die",
+            "label": [f"{LABEL_MANAGED}=true", f"{LABEL_DATA_DIR}={self.settings.data_dir}"],
+        }
+        stream = await asyncio.to_thread(self.client.events, decode=True, filters=filters)
+        async for event in _pumped(stream, "docker-events"):
+            session_id = event.get("Actor", {}).get("Attributes", {}).get(LABEL_SESSION)
+            if session_id:
+                yield session_id
 
     async def running_sessions(self) -> set[str]:
         labels = [f"{LABEL_MANAGED}=true", f"{LABEL_DATA_DIR}={self.settings.data_dir}"]
@@ -229,3 +224,27 @@ def _limits(limits: Limits) -> dict[str, Any]:
     if limits.pids is not None:
         args["pids_limit"] = limits.pids
     return args
+
+
+async def _pumped(stream: Any, name: str) -> AsyncIterator[Any]:
+    """The items of one of the SDK's blocking streams (a followed log, the event feed), read
+    in a thread of its own, since it may stay open for hours; closed when the caller stops."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[Any] = asyncio.Queue()
+    done = object()
+
+    def pump() -> None:
+        try:
+            for item in stream:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+        except Exception:  # the stream was closed under us, or the engine went away
+            pass
+        finally:
+            loop.call_soon_threadsafe(items.put_nowait, done)
+
+    threading.Thread(target=pump, name=name, daemon=True).start()
+    try:
+        while (item := await items.get()) is not done:
+            yield item
+    finally:
+        stream.close()
