@@ -61,6 +61,7 @@ class SessionManager:
         self._http = httpx.AsyncClient()
         self._loops: list[asyncio.Task[None]] = []
         self._touched: dict[str, datetime] = {}
+        self._unpollable: set[str] = set()
 
     # -- lifecycle of the manager itself ---------------------------------------------------
 
@@ -159,8 +160,12 @@ class SessionManager:
             *(self._notice_end(s) for s in running), return_exceptions=True
         )
         for session, result in zip(running, results, strict=True):
-            if isinstance(result, Exception):
+            # Say once that a session cannot be polled (its engine is down), not every second.
+            if isinstance(result, Exception) and session.id not in self._unpollable:
                 log.warning("cannot poll session %s: %s", session.id, result)
+                self._unpollable.add(session.id)
+            elif not isinstance(result, Exception):
+                self._unpollable.discard(session.id)
 
     def touch(self, session_id: str) -> None:
         """Count an API call about the session as activity (kept in memory, saved by `cull`)."""

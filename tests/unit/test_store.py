@@ -79,3 +79,31 @@ def test_the_database_is_private(store: Store) -> None:
     assert store.path.stat().st_mode & 0o077 == 0
     assert store.path.parent.stat().st_mode & 0o077 == 0
     assert replace(make(1), port=2).port == 2
+
+
+def test_a_store_from_an_older_version_gains_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "codestation.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE sessions (id TEXT PRIMARY KEY, status TEXT, runtime TEXT, workspace TEXT,"
+        " environment TEXT, port INTEGER, username TEXT, password TEXT, created_at TEXT,"
+        " started_at TEXT, stopped_at TEXT, error TEXT, step TEXT, runtime_state TEXT,"
+        " log_tail TEXT)"
+    )
+    old.execute(
+        "INSERT INTO sessions VALUES ('cs-old', 'running', 'docker', '/tmp/w', 'default', 30000,"
+        " 'opencode', 'pw', '2026-01-01T00:00:00+00:00', NULL, NULL, NULL, NULL, '{}', NULL)"
+    )
+    old.commit()
+    old.close()
+    session = Store(path).get("cs-old")
+    assert session is not None
+    assert session.status is Status.RUNNING
+    assert (session.idle_timeout, session.max_age, session.limits, session.reason) == (
+        0,
+        0,
+        {},
+        None,
+    )
