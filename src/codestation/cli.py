@@ -111,7 +111,14 @@ def serve(
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)]
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    # Open event streams and terminals would hold a graceful shutdown forever: end them.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=3,
+    )
 
 
 @app.command()

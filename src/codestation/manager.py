@@ -62,6 +62,7 @@ class SessionManager:
         self._loops: list[asyncio.Task[None]] = []
         self._touched: dict[str, datetime] = {}
         self._unpollable: set[str] = set()
+        self._subscribers: set[asyncio.Queue[tuple[str, Session | str]]] = set()
 
     # -- lifecycle of the manager itself ---------------------------------------------------
 
@@ -297,6 +298,7 @@ class SessionManager:
             uid=owner.st_uid,
             gid=owner.st_gid,
         )
+        self._publish("session", session)
         self._spawn(session.id, self._launch(runtime, session.id, spec=spec))
         log.info("session %s starting on port %d for %s", session.id, session.port, path)
         return session
@@ -386,7 +388,7 @@ class SessionManager:
             runtime = self.runtimes[session.runtime]
             tail = await runtime.stop(session_id, session.runtime_state, 0)
             error = reason if not tail else f"{reason}\n--- last log lines ---\n{tail.rstrip()}"
-            self.store.save(
+            self._save(
                 session.advance(Status.FAILED, error=error, log_tail=tail or None, step=None)
             )
         log.warning("session %s failed: %s", session_id, reason)
@@ -402,7 +404,7 @@ class SessionManager:
             if not session.status.live:
                 return session
             if session.status is not Status.STOPPING:
-                self.store.save(session.advance(Status.STOPPING, step="stopping", reason=reason))
+                self._save(session.advance(Status.STOPPING, step="stopping", reason=reason))
             launch = self._launches.get(session_id)
         if launch is not None:
             launch.cancel()
@@ -414,7 +416,7 @@ class SessionManager:
             runtime = self.runtimes[session.runtime]
             tail = await runtime.stop(session_id, session.runtime_state, self.settings.stop_timeout)
             session = session.advance(Status.STOPPED, log_tail=tail or session.log_tail, step=None)
-            self.store.save(session)
+            self._save(session)
         log.info("session %s stopped", session_id)
         return session
 
@@ -426,7 +428,28 @@ class SessionManager:
         await self.stop(session_id)
         async with self._locks[session_id]:
             self.store.delete(session_id)
+        self._publish("deleted", session_id)
         self._locks.pop(session_id, None)
+
+    # -- changes, as a stream -------------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[tuple[str, Session | str]]:
+        """A queue of every change from now on: ("session", the session as saved) or
+        ("deleted", its id). Give it back with `unsubscribe`."""
+        queue: asyncio.Queue[tuple[str, Session | str]] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[tuple[str, Session | str]]) -> None:
+        self._subscribers.discard(queue)
+
+    def _publish(self, kind: str, item: Session | str) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait((kind, item))
+
+    def _save(self, session: Session) -> None:
+        self.store.save(session)
+        self._publish("session", session)
 
     # -- small writes ----------------------------------------------------------------------
 
@@ -435,7 +458,7 @@ class SessionManager:
             current = self.get(session_id)
             updated = change(current)
             if updated is not current:
-                self.store.save(updated)
+                self._save(updated)
             return updated
 
     async def _step(self, session_id: str, step: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -93,6 +96,40 @@ async def logs(
         manager.get(session_id)  # a 404 before the stream begins
         return StreamingResponse(manager.follow(session_id, tail), media_type="text/plain")
     return PlainTextResponse(await manager.logs(session_id, tail))
+
+
+@code.get("/events", response_class=StreamingResponse)
+async def events(manager: Manager) -> StreamingResponse:
+    """Server-sent events: first `snapshot` (every session), then `session` (one changed, in
+    full) and `deleted` (`{"id": ...}`) as they happen; a comment every 15 s keeps it open."""
+    queue = manager.subscribe()
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            snapshot = SessionList(sessions=[info(manager, s) for s in manager.sessions()])
+            yield _sse("snapshot", snapshot.model_dump_json())
+            while True:
+                try:
+                    kind, item = await asyncio.wait_for(queue.get(), timeout=15)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if isinstance(item, Session):
+                    yield _sse(kind, info(manager, item).model_dump_json())
+                else:
+                    yield _sse(kind, json.dumps({"id": item}))
+        finally:
+            manager.unsubscribe(queue)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _sse(event: str, data: str) -> str:
+    return f"event: {event}\ndata: {data}\n\n"
 
 
 @code.post("/session/{session_id}/stop", response_model=SessionInfo)
