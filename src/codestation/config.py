@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         description="Host name put in session URLs; defaults to the publish address "
         "(127.0.0.1 when publishing on all addresses).",
     )
+    proxy_domain: str = Field(
+        default="localhost",
+        description="Each session's OpenCode UI is served at http://<session id>.<proxy_domain>"
+        ":<port>/ (browsers resolve *.localhost to this machine; use a wildcard DNS name in "
+        "a real deployment).",
+    )
     allowed_roots: list[Path] = Field(
         default_factory=_default_roots,
         description="Workspaces must lie inside one of these directories.",

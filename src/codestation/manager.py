@@ -168,9 +168,10 @@ class SessionManager:
             elif not isinstance(result, Exception):
                 self._unpollable.discard(session.id)
 
-    def touch(self, session_id: str) -> None:
-        """Count an API call about the session as activity (kept in memory, saved by `cull`)."""
-        self._touched[self.get(session_id).id] = now()
+    def touch(self, session: Session) -> None:
+        """Count activity on the session: an API call about it, traffic through the proxy,
+        terminal input. Kept in memory (it can come many times a second), saved by `cull`."""
+        self._touched[session.id] = now()
 
     async def cull(self) -> None:
         """Stop running sessions idle longer than their idle_timeout or older than their
@@ -205,6 +206,9 @@ class SessionManager:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def find(self, session_id: str) -> Session | None:
+        return self.store.get(session_id)
+
     def get(self, session_id: str) -> Session:
         session = self.store.get(session_id)
         if session is None:
@@ -218,6 +222,9 @@ class SessionManager:
 
     def url(self, session: Session) -> str:
         return f"http://{self.settings.session_host}:{session.port}"
+
+    def web_url(self, session: Session) -> str:
+        return f"http://{session.id}.{self.settings.proxy_domain}:{self.settings.port}/"
 
     def _local_url(self, session: Session) -> str:
         return f"http://{self.settings.local_host}:{session.port}"

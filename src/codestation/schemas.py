@@ -45,6 +45,10 @@ class SessionInfo(BaseModel):
     status: Status
     runtime: str
     url: str | None = Field(description="OpenCode's address; set while the session is running.")
+    web_url: str | None = Field(
+        description="OpenCode's web UI through codestation, on the session's own host name, "
+        "with no password prompt; set while the session is running."
+    )
     port: int
     workspace: str
     environment: str

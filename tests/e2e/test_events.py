@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -14,10 +15,8 @@ from tests.e2e.conftest import Service
 
 
 def listen(service: Service, into: queue.Queue[tuple[str, Any]], stop: threading.Event) -> None:
-    try:
+    with contextlib.suppress(httpx.HTTPError):  # the service stopped under the stream
         read(service, into, stop)
-    except httpx.HTTPError:  # the service stopped under the stream: the test is over
-        pass
 
 
 def read(service: Service, into: queue.Queue[tuple[str, Any]], stop: threading.Event) -> None:

@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from codestation import __version__
+from codestation.api.access import LoopbackOnly
+from codestation.api.proxy import SessionProxy
 from codestation.api.routes import router
 from codestation.config import Settings
 from codestation.errors import CodestationError
@@ -54,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    app.add_middleware(SessionProxy, domain=settings.proxy_domain)
+    app.add_middleware(LoopbackOnly)  # added last: the outermost layer
     app.add_exception_handler(CodestationError, _codestation_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

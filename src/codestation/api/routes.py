@@ -46,6 +46,7 @@ def info(manager: SessionManager, s: Session) -> SessionInfo:
         status=s.status,
         runtime=s.runtime,
         url=manager.url(s) if s.status is Status.RUNNING else None,
+        web_url=manager.web_url(s) if s.status is Status.RUNNING else None,
         port=s.port,
         workspace=str(s.workspace),
         environment=s.environment,
@@ -79,8 +80,9 @@ async def sessions(manager: Manager) -> SessionList:
 
 @code.get("/session/{session_id}", response_model=SessionInfo)
 async def session(session_id: str, manager: Manager) -> SessionInfo:
-    manager.touch(session_id)
-    return info(manager, manager.get(session_id))
+    found = manager.get(session_id)
+    manager.touch(found)
+    return info(manager, found)
 
 
 @code.get("/session/{session_id}/logs", response_class=PlainTextResponse)
@@ -91,9 +93,8 @@ async def logs(
     follow: Annotated[bool, Query(description="Keep streaming new output.")] = False,
 ) -> Response:
     """The agent's output (OpenCode's log); a stopped session keeps its last lines."""
-    manager.touch(session_id)
+    manager.touch(manager.get(session_id))  # and a 404 before a stream begins
     if follow:
-        manager.get(session_id)  # a 404 before the stream begins
         return StreamingResponse(manager.follow(session_id, tail), media_type="text/plain")
     return PlainTextResponse(await manager.logs(session_id, tail))
 
