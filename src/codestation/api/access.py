@@ -9,8 +9,28 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+def origin_allowed(scope: Scope, hosts: set[str], port: int) -> bool:
+    """Whether a browser's WebSocket comes from one of our own pages (`hosts` at `port`).
+
+    Browsers let any page open a WebSocket anywhere; Origin is how a server refuses pages of
+    other sites. Clients that are not browsers send none.
+    """
+    origin = Headers(scope=scope).get("origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.hostname in hosts and (parts.port or 80) == port
+
+
+def service_hosts() -> set[str]:
+    """The names the service's own pages are served under."""
+    return {"localhost", "127.0.0.1", "::1"}
 
 
 def allowed(scope: Scope) -> bool:

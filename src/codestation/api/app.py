@@ -21,6 +21,7 @@ from codestation.errors import CodestationError
 from codestation.manager import SessionManager
 from codestation.runtimes import make_runtimes
 from codestation.store import Store
+from codestation.terminals import Terminals
 
 log = logging.getLogger("codestation")
 
@@ -40,11 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store.close()
             raise
         app.state.manager = manager
+        app.state.terminals = Terminals(settings.local_host)
         log.info("codestation %s: runtime %s, data in %s", __version__,
                  manager.default_runtime, settings.data_dir)  # fmt: skip
         try:
             yield
         finally:
+            await app.state.terminals.close()
             await manager.close()
             store.close()
 

@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from codestation.api.access import origin_allowed
 from codestation.manager import SessionManager
 from codestation.sessions import Session, Status
 
@@ -109,6 +110,10 @@ class SessionProxy:
         session: Session,
         upstream: str,
     ) -> None:
+        port = int(Headers(scope=scope).get("host", "").rsplit(":", 1)[-1] or 80)
+        if not origin_allowed(scope, {f"{session.id}{self.suffix}"}, port):
+            await send({"type": "websocket.close", "code": 1008})  # another site's page
+            return
         browser = WebSocket(scope, receive, send)
         path = scope["raw_path"].decode()
         if scope.get("query_string"):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from websockets.exceptions import ConnectionClosed
 
 from codestation import __version__
+from codestation.api.access import origin_allowed, service_hosts
 from codestation.manager import SessionManager
 from codestation.schemas import (
     Auth,
@@ -23,6 +26,7 @@ from codestation.schemas import (
     StopAllResponse,
 )
 from codestation.sessions import Session, Status
+from codestation.terminals import MODES, Terminals
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorBody} for code in (400, 404, 422, 503)
@@ -131,6 +135,37 @@ async def events(manager: Manager) -> StreamingResponse:
 
 def _sse(event: str, data: str) -> str:
     return f"event: {event}\ndata: {data}\n\n"
+
+
+@code.websocket("/session/{session_id}/terminal")
+async def terminal(websocket: WebSocket, session_id: str, mode: str = "agent") -> None:
+    """A terminal in the session's sandbox: `mode=agent` (OpenCode's TUI) or `mode=shell`.
+    Send `{"data": ...}` to type and `{"rows": r, "cols": c}` to resize; output comes as bytes.
+    Reattaching within five minutes replays recent output. Only codestation's own pages may
+    open it (Origin is checked)."""
+    manager: SessionManager = websocket.app.state.manager
+    terminals: Terminals = websocket.app.state.terminals
+    if not origin_allowed(websocket.scope, service_hosts(), manager.settings.port):
+        await websocket.close(code=1008, reason="foreign origin")
+        return
+    session = manager.find(session_id)
+    if session is None or session.status is not Status.RUNNING or mode not in MODES:
+        await websocket.close(code=1008, reason="no such running session, or mode")
+        return
+    await websocket.accept()
+
+    async def receive() -> str | None:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        return message.get("text") or (message.get("bytes") or b"").decode(errors="replace")
+
+    inside = manager.runtimes[session.runtime].inside_port(session.port)
+    with contextlib.suppress(WebSocketDisconnect, ConnectionClosed, RuntimeError):
+        await terminals.attach(
+            session, mode, inside, receive, websocket.send_bytes, lambda: manager.touch(session)
+        )
+        await websocket.close()
 
 
 @code.post("/session/{session_id}/stop", response_model=SessionInfo)

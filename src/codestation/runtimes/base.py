@@ -15,6 +15,8 @@ A runtime is built with the settings (`Runtime(settings)`) and connects to nothi
 
 Rules for each method:
 
+- `inside_port(port)`: the port OpenCode listens on inside the sandbox of a session published
+  on `port` (what a terminal in the sandbox attaches to).
 - `enforced(limits)`: the part of `limits` this runtime applies to a session, as JSON (`{}`
   if it can apply none); shown with the session.
 - `check()`: raise RuntimeUnavailable, saying how to fix it, if sessions cannot start now.
@@ -83,6 +85,9 @@ class Runtime(ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+
+    @abstractmethod
+    def inside_port(self, port: int) -> int: ...
 
     @abstractmethod
     def enforced(self, limits: Limits) -> dict[str, Any]: ...

@@ -79,6 +79,9 @@ class BwrapRuntime(Runtime):
             )
         return found
 
+    def inside_port(self, port: int) -> int:
+        return port  # the host's network: it listens on the leased port itself
+
     def enforced(self, limits: Limits) -> dict[str, Any]:
         return {}  # no cgroup of its own to limit; documented
 

@@ -62,6 +62,9 @@ class DockerRuntime(Runtime):
             "(`sudo systemctl start docker`, or `sudo dockerd &`) or point DOCKER_HOST at one."
         )
 
+    def inside_port(self, port: int) -> int:
+        return agent.CONTAINER_PORT
+
     def enforced(self, limits: Limits) -> dict[str, Any]:
         return {k: v for k, v in limits.model_dump().items() if v is not None}
 
