@@ -14,6 +14,7 @@ need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v bwrap >/dev/null || need+=(bubblewrap)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # the UI's browser tests
 command -v npm >/dev/null || need+=(npm)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
@@ -47,6 +48,12 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
   touch .venv/.installed
+fi
+
+# -- the web UI's front-end packages (xterm.js), from package-lock.json ---------------------------
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  say "installing the web UI's packages"
+  npm ci --no-audit --no-fund --silent
 fi
 
 # -- the sandbox image (Docker) and the pinned OpenCode (both runtimes) ---------------------------

@@ -90,3 +90,13 @@ class Health(BaseModel):
     ok: bool
     runtime: str
     version: str
+
+
+class EnvironmentInfo(BaseModel):
+    name: str
+    description: str
+    runtime: str = Field(description="Where its sessions run.")
+
+
+class EnvironmentList(BaseModel):
+    environments: list[EnvironmentInfo]

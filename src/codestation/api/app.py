@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from codestation import __version__
+from codestation.api import web
 from codestation.api.access import LoopbackOnly
 from codestation.api.proxy import SessionProxy
 from codestation.api.routes import router
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    web.mount(app)
     app.add_middleware(SessionProxy, domain=settings.proxy_domain)
     app.add_middleware(LoopbackOnly)  # added last: the outermost layer
     app.add_exception_handler(CodestationError, _codestation_error)

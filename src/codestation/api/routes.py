@@ -17,6 +17,8 @@ from codestation.api.access import origin_allowed, service_hosts
 from codestation.manager import SessionManager
 from codestation.schemas import (
     Auth,
+    EnvironmentInfo,
+    EnvironmentList,
     ErrorBody,
     Health,
     SessionInfo,
@@ -75,6 +77,21 @@ async def start(body: StartRequest, manager: Manager) -> StartResponse:
         body.workspace, body.environment, idle_timeout=body.idle_timeout, max_age=body.max_age
     )
     return StartResponse(session_id=session.id, **info(manager, session).model_dump())
+
+
+@code.get("/environments", response_model=EnvironmentList)
+async def environments(manager: Manager) -> EnvironmentList:
+    """The environment profiles a session can be started with."""
+    return EnvironmentList(
+        environments=[
+            EnvironmentInfo(
+                name=name,
+                description=profile.description,
+                runtime=profile.runtime or manager.default_runtime,
+            )
+            for name, profile in sorted(manager.settings.environments.items())
+        ]
+    )
 
 
 @code.get("/sessions", response_model=SessionList)

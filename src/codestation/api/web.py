@@ -1,0 +1,37 @@
+"""The web UI: the sessions page, each session's terminal page, and their static files.
+
+The pages are plain HTML and ES modules in `codestation/web`; xterm.js comes from npm (the
+repository's package.json, installed by `scripts/setup.sh`) and is served from node_modules.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+PAGES = Path(str(resources.files("codestation") / "web"))
+# A source checkout: src/codestation/api/web.py -> the repository's node_modules.
+NODE_MODULES = Path(__file__).resolve().parents[3] / "node_modules"
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def sessions_page() -> FileResponse:
+    return FileResponse(PAGES / "index.html")
+
+
+@router.get("/terminal/{session_id}")
+async def terminal_page(session_id: str) -> FileResponse:
+    return FileResponse(PAGES / "terminal.html")
+
+
+def mount(app: FastAPI) -> None:
+    app.include_router(router)
+    # The vendor mount first: /static/vendor would otherwise be looked up among the pages.
+    app.mount("/static/vendor", StaticFiles(directory=NODE_MODULES, check_dir=False), name="vendor")
+    app.mount("/static", StaticFiles(directory=PAGES), name="static")
