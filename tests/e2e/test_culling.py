@@ -108,3 +108,16 @@ def test_a_session_cannot_ask_for_more_than_its_environment_allows(
     session = service.client.start(str(workspace), idle_timeout=60)
     assert (session.idle_timeout, session.max_age) == (60, 3600)
     service.client.stop(session.id)
+
+
+def test_traffic_through_the_proxy_keeps_it(start_service: ServiceFactory, workspace: Path) -> None:
+    service = start_service(cull_interval="0.5")
+    session = running(service, workspace, idle_timeout=3)
+    port = service.url.rsplit(":", 1)[1]
+    host = {"Host": f"{session.id}.localhost:{port}"}
+    with httpx.Client(base_url=service.url, headers=host, timeout=10) as http:
+        for _ in range(16):  # 8 s of a person using OpenCode's UI
+            assert http.get("/global/health").status_code == 200
+            time.sleep(0.5)
+    assert status_from_list(service, session.id).status is Status.RUNNING
+    assert wait_stopped(service, session.id, 30).reason == "idle"
