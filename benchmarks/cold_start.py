@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from codestation.agent import OFFLINE_ENV, USERNAME, opencode_binary, serve_command
+from codestation.agent import OFFLINE_ENV, USERNAME, opencode_binary, serve_args
 from codestation.client import Client
 from codestation.config import Settings
 
@@ -69,7 +69,7 @@ def bare_start(binary: Path, workspace: Path) -> float:
     env = {**os.environ, **OFFLINE_ENV, "HOME": home, "OPENCODE_SERVER_PASSWORD": password}
     begin = time.monotonic()
     process = subprocess.Popen(
-        serve_command("127.0.0.1", port, str(binary)),
+        serve_args("127.0.0.1", port, str(binary)),
         cwd=workspace,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -84,9 +84,11 @@ def bare_start(binary: Path, workspace: Path) -> float:
 
 
 def serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """The service, on its own data; its first start writes the admin token to `token`."""
     env = {
         **os.environ,
         "CODESTATION_DATA_DIR": str(data_dir),
+        "CODESTATION_TOKEN_FILE": str(data_dir.parent / "config" / "token"),
         "CODESTATION_PORT": str(port),
         "CODESTATION_RUNTIME": "docker",
         "CODESTATION_ENVIRONMENTS": '{"bwrap": {"runtime": "bwrap"}}',
@@ -121,7 +123,8 @@ def main() -> None:
         port = free_port()
         service = serve(Path(tmp, "data"), port)
         try:
-            with Client(f"http://127.0.0.1:{port}") as client:
+            token = Path(tmp, "config", "token").read_text().strip()
+            with Client(f"http://127.0.0.1:{port}", token=token) as client:
                 # Warm-up: the image and the binary in place, caches hot.
                 codestation_start(client, workspace, "default")
                 codestation_start(client, workspace, "bwrap")

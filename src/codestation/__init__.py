@@ -11,16 +11,22 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
     __version__ = "0.0.0"
 
 from codestation.client import Client
-from codestation.config import EnvironmentProfile, Settings
+from codestation.config import EnvironmentProfile, Settings, UserProfile
 from codestation.errors import (
     BadRequest,
     CodestationError,
+    CsrfFailed,
+    Forbidden,
     NoFreePort,
+    PayloadTooLarge,
     RuntimeUnavailable,
     SessionNotFound,
     StartFailed,
+    TooManySessions,
+    Unauthorized,
     Unavailable,
     UnknownEnvironment,
+    UnknownHost,
     WorkspaceRejected,
 )
 from codestation.schemas import SessionInfo
@@ -30,16 +36,23 @@ __all__ = [
     "BadRequest",
     "Client",
     "CodestationError",
+    "CsrfFailed",
     "EnvironmentProfile",
+    "Forbidden",
     "NoFreePort",
+    "PayloadTooLarge",
     "RuntimeUnavailable",
     "SessionInfo",
     "SessionNotFound",
     "Settings",
     "StartFailed",
     "Status",
+    "TooManySessions",
+    "Unauthorized",
     "Unavailable",
     "UnknownEnvironment",
+    "UnknownHost",
+    "UserProfile",
     "WorkspaceRejected",
     "__version__",
 ]

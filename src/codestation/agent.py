@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
 from codestation.config import EnvironmentProfile, Settings
 from codestation.errors import RuntimeUnavailable
+from codestation.workspaces import Workspace
 
 USERNAME = "opencode"
 # Where OpenCode listens inside a container; the runtime publishes it on the leased host port.
@@ -36,29 +38,53 @@ OFFLINE_ENV = {
 _install_lock = threading.Lock()
 
 
-def serve_command(hostname: str, port: int, binary: str = "opencode") -> list[str]:
-    # `opencode serve` takes no directory: it serves its working directory. Its log goes to
-    # stderr so that the session's `logs` show what it did.
+# Run first, inside the sandbox: OpenCode starts only if /workspace is the very directory that
+# was checked (its device and inode, passed as $0). Engines mount by path, and a path can be
+# swapped for a symlink between codestation's check and the engine's mount; this check cannot
+# be raced, since it looks at what is mounted, from where the agent will run.
+_GUARD = (
+    '[ "$(stat -c %d:%i /workspace)" = "$0" ] || { echo "codestation: the workspace was '
+    "replaced while the session started (/workspace is $(stat -c %d:%i /workspace), not $0); "
+    'start it again." >&2; exit 97; }; exec "$@"'
+)
+
+
+def serve_args(hostname: str, port: int, binary: str = "opencode") -> list[str]:
+    """`opencode serve`. It takes no directory: it serves its working directory. Its log goes
+    to stderr so that the session's `logs` show what it did."""
     return [binary, "serve", "--port", str(port), "--hostname", hostname, "--print-logs",
             "--log-level", "INFO"]  # fmt: skip
 
 
-def agent_env(password: str, profile: EnvironmentProfile) -> dict[str, str]:
+def serve_command(
+    hostname: str, port: int, workspace: Workspace, binary: str = "opencode"
+) -> list[str]:
+    """A sandbox's command: the workspace guard, then `opencode serve`."""
+    guard = ["sh", "-c", _GUARD, f"{workspace.device}:{workspace.inode}"]
+    return [*guard, *serve_args(hostname, port, binary)]
+
+
+def agent_env(password: SecretStr, profile: EnvironmentProfile) -> dict[str, str]:
     """The environment OpenCode runs with. The profile cannot override the credentials."""
     env = {**OFFLINE_ENV, **profile.env}
     if profile.opencode_config:
         env["OPENCODE_CONFIG_CONTENT"] = json.dumps(profile.opencode_config)
     env["OPENCODE_SERVER_USERNAME"] = USERNAME
-    env["OPENCODE_SERVER_PASSWORD"] = password
+    env["OPENCODE_SERVER_PASSWORD"] = password.get_secret_value()
     return env
 
 
-async def is_healthy(client: httpx.AsyncClient, url: str, password: str, seconds: float) -> bool:
+def basic(password: SecretStr) -> tuple[str, str]:
+    """OpenCode's HTTP Basic credentials, unwrapped for a request to it."""
+    return (USERNAME, password.get_secret_value())
+
+
+async def is_healthy(
+    client: httpx.AsyncClient, url: str, password: SecretStr, seconds: float
+) -> bool:
     """One probe of `/global/health`, bounded by `seconds` (a connect can hang on docker-proxy)."""
     try:
-        response = await client.get(
-            f"{url}/global/health", auth=(USERNAME, password), timeout=seconds
-        )
+        response = await client.get(f"{url}/global/health", auth=basic(password), timeout=seconds)
     except httpx.HTTPError:
         return False
     if response.status_code != 200:
@@ -69,10 +95,12 @@ async def is_healthy(client: httpx.AsyncClient, url: str, password: str, seconds
         return False
 
 
-async def last_activity(client: httpx.AsyncClient, url: str, password: str) -> datetime | None:
+async def last_activity(
+    client: httpx.AsyncClient, url: str, password: SecretStr
+) -> datetime | None:
     """When the agent last did something, as OpenCode tells: now if a session of it is working
     or a shell of it runs, else the last change to any of its sessions. None if it won't say."""
-    auth = (USERNAME, password)
+    auth = basic(password)
     try:
         statuses = (await client.get(f"{url}/session/status", auth=auth, timeout=5)).json()
         shells = (await client.get(f"{url}/pty", auth=auth, timeout=5)).json()

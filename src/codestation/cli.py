@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,21 +22,42 @@ from rich.table import Table
 
 from codestation.client import DEFAULT_URL, Client
 from codestation.config import Settings, config_file_path, masked
-from codestation.errors import CodestationError
+from codestation.errors import CodestationError, Unauthorized
 from codestation.schemas import SessionInfo
 from codestation.sessions import Status
+
+if TYPE_CHECKING:
+    from codestation.accounts import Accounts
+    from codestation.store import Store
 
 app = typer.Typer(
     help="OpenCode coding agents in sandboxes, one per workspace.", no_args_is_help=True
 )
 image_app = typer.Typer(help="The sandbox image Docker sessions run.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+token_app = typer.Typer(
+    help="Tokens, which let people and programs in. These open the data directory directly: "
+    "they work whether the service runs or not.",
+    no_args_is_help=True,
+)
+app.add_typer(token_app, name="token")
+user_app = typer.Typer(help="Users: they exist once they have a token.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
 
 out = Console()
 err = Console(stderr=True)
 
 UrlOption = Annotated[
     str, typer.Option("--url", envvar="CODESTATION_URL", help="Where the service answers.")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="CODESTATION_TOKEN",
+        help="Your token; else the token file (token_file, ~/.config/codestation/token).",
+        show_default=False,
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -51,12 +75,38 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _token(given: str | None) -> str | None:
+    """The token to send: --token or CODESTATION_TOKEN, else the token file (mode 0600)."""
+    if given:
+        return given
+    path = Settings().token_file
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    if mode & 0o077:
+        raise _fail(
+            f"the token file {path} can be read by others (mode {stat.S_IMODE(mode):o}); "
+            f"run `chmod 600 {path}`."
+        )
+    return path.read_text().strip() or None
+
+
 @contextmanager
-def _service(url: str) -> Iterator[Client]:
+def _service(url: str, token: str | None) -> Iterator[Client]:
     """A client whose errors end the command with their sentence and exit status 1."""
-    with Client(url) as client:
+    found = _token(token)
+    with Client(url, token=found) as client:
         try:
             yield client
+        except Unauthorized as exc:
+            hint = (
+                ""
+                if found
+                else f" No token was given: pass --token, set CODESTATION_TOKEN, or put one "
+                f"in {Settings().token_file} (mode 0600)."
+            )
+            raise _fail(f"{exc}{hint}") from None
         except CodestationError as exc:
             raise _fail(str(exc)) from None
 
@@ -107,10 +157,21 @@ def serve(
         raise _fail(str(exc)) from None
     how = "chosen automatically" if settings.runtime == "auto" else "as configured"
     err.print(f"codestation: sessions run in {chosen} ({how}); data in {settings.data_dir}")
-    logging.basicConfig(
-        level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)]
+    _first_admin(settings)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.public_url:
+        err.print(
+            f"[yellow]codestation listens on {settings.host}, beyond this machine, over plain "
+            "HTTP: put a TLS proxy in front and set public_url (see the README's Security "
+            "section).[/yellow]"
+        )
+    # Rich for a person at a terminal; plain lines, never wrapped, for a file or a journal.
+    handler: logging.Handler = (
+        RichHandler(show_path=False) if sys.stderr.isatty() else logging.StreamHandler()
     )
+    fmt = "%(message)s" if sys.stderr.isatty() else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe
+    logging.getLogger("uvicorn.access").addFilter(_redact)
     # Open event streams and terminals would hold a graceful shutdown forever: end them.
     uvicorn.run(
         create_app(settings),
@@ -121,16 +182,67 @@ def serve(
     )
 
 
+def _first_admin(settings: Settings) -> None:
+    """With no admin yet, make one and print a login link, once; the CLI on this machine finds
+    the token in the token file (written only where none works already)."""
+    from codestation.accounts import Accounts
+    from codestation.store import Store
+
+    store = Store(settings.db_path)
+    try:
+        accounts = Accounts(store, settings)
+        if accounts.has_admin():
+            return
+        token, secret = accounts.create_token("admin", admin=True, note="made at first start")
+        raw = secret.get_secret_value()
+        path = settings.token_file
+        current = path.read_text().strip() if path.is_file() else ""
+        if not current or accounts.by_token(current) is None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(raw + "\n")
+            saved = f"; the CLI here finds it in {path}"
+        else:
+            saved = ""
+    finally:
+        store.close()
+    err.print(
+        f"codestation: made the admin token {token.id}{saved}. Log in with this link (it holds "
+        "the token: keep it to yourself):"
+    )
+    err.print(f"  {settings.service_url}/login?token={raw}", highlight=False, soft_wrap=True)
+
+
+class _Redact(logging.Filter):
+    """Keep the login link's token and a session host's ticket out of the access log."""
+
+    pattern = re.compile(r"((?:token|ticket)=)[^&\s\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self.pattern.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        return True
+
+
+_redact = _Redact()
+
+
 @app.command()
 def start(
     workspace: Annotated[Path, typer.Argument(help="The directory the agent works in.")],
     environment: Annotated[str, typer.Option("--environment", "-e")] = "default",
     wait: Annotated[bool, typer.Option(help="Wait until OpenCode answers.")] = True,
     url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start a session on WORKSPACE and (by default) wait until it runs."""
-    with _service(url) as client:
+    with _service(url, token) as client:
         session: SessionInfo = client.start(str(workspace.absolute()), environment)
         if wait:
             with err.status(f"starting {session.id}") as status:
@@ -147,27 +259,34 @@ def start(
 
 
 @app.command("ls")
-def list_sessions(url: UrlOption = DEFAULT_URL, as_json: JsonOption = False) -> None:
-    """List sessions."""
-    with _service(url) as client:
+def list_sessions(
+    url: UrlOption = DEFAULT_URL, token: TokenOption = None, as_json: JsonOption = False
+) -> None:
+    """List your sessions (an admin's: everyone's)."""
+    with _service(url, token) as client:
         sessions = client.sessions()
     if as_json:
         out.print_json(json.dumps([json.loads(s.model_dump_json()) for s in sessions]))
         return
-    table = Table("ID", "STATUS", "RUNTIME", "URL", "WORKSPACE", "ENV", "AGE", box=None)
+    table = Table("ID", "STATUS", "RUNTIME", "URL", "WORKSPACE", "ENV", "OWNER", "AGE", box=None)
     for s in sessions:
         style = STATUS_STYLE[s.status]
         table.add_row(
             s.id, f"[{style}]{s.status}[/{style}]", s.runtime, s.url or "-", s.workspace,
-            s.environment, _age(s),
+            s.environment, s.owner or "-", _age(s),
         )  # fmt: skip
     out.print(table)
 
 
 @app.command()
-def status(session_id: str, url: UrlOption = DEFAULT_URL, as_json: JsonOption = False) -> None:
+def status(
+    session_id: str,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """Show one session, with its URL and credentials."""
-    with _service(url) as client:
+    with _service(url, token) as client:
         session = client.session(session_id)
     if as_json:
         out.print_json(session.model_dump_json())
@@ -181,9 +300,10 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
     tail: Annotated[int, typer.Option("--tail", "-n", help="How many last lines.")] = 200,
     url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
 ) -> None:
     """Print a session's OpenCode log."""
-    with _service(url) as client, contextlib.suppress(KeyboardInterrupt):
+    with _service(url, token) as client, contextlib.suppress(KeyboardInterrupt):
         if follow:
             for text in client.follow_logs(session_id, tail):
                 sys.stdout.write(text)
@@ -195,22 +315,26 @@ def logs(
 @app.command()
 def stop(
     session_id: Annotated[str | None, typer.Argument()] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Stop every live session.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every live session of yours.")] = False,
+    everyone: Annotated[
+        bool, typer.Option("--everyone", help="With --all, an admin's: everyone's sessions.")
+    ] = False,
     url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
 ) -> None:
     """Stop a session (or --all); its workspace is left as it is."""
     if (session_id is None) == (not all_):
         raise _fail("give a session id, or --all (not both).")
-    with _service(url) as client:
-        stopped = client.stop_all() if all_ else [client.stop(session_id or "")]
+    with _service(url, token) as client:
+        stopped = client.stop_all(everyone=everyone) if all_ else [client.stop(session_id or "")]
     for s in stopped:
         out.print(f"{s.id} {s.status}")
 
 
 @app.command("rm")
-def remove(session_id: str, url: UrlOption = DEFAULT_URL) -> None:
+def remove(session_id: str, url: UrlOption = DEFAULT_URL, token: TokenOption = None) -> None:
     """Stop a session and forget it."""
-    with _service(url) as client:
+    with _service(url, token) as client:
         client.delete(session_id)
     out.print(f"{session_id} removed")
 
@@ -250,6 +374,105 @@ def prepare() -> None:
         ready.append(name)
     if not ready:
         raise _fail("no runtime can run sessions here; start Docker or install bubblewrap.")
+
+
+@token_app.command("create")
+def token_create(
+    user: Annotated[str, typer.Option("--user", help="Whose token: a lowercase Unix-style name.")],
+    admin: Annotated[bool, typer.Option("--admin", help="It may see and stop everyone's.")] = False,
+    expires: Annotated[
+        float | None, typer.Option("--expires", help="Days until it stops working.")
+    ] = None,
+    note: Annotated[str, typer.Option("--note", help="What it is for.")] = "",
+) -> None:
+    """Make a token and print it, alone, on stdout (it is shown this once)."""
+    accounts, store = _accounts()
+    try:
+        token, secret = accounts.create_token(user, admin=admin, expires_days=expires, note=note)
+    except CodestationError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        store.close()
+    err.print(f"token {token.id} for {user}" + (" (admin)" if admin else ""))
+    print(secret.get_secret_value())
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOption = False) -> None:
+    """Every token: id, user, admin, created, expires, last used (never the secret)."""
+    accounts, store = _accounts()
+    try:
+        tokens = accounts.tokens()
+    finally:
+        store.close()
+    rows = [
+        {
+            "id": t.id, "user": t.user, "admin": t.admin, "created_at": t.created_at.isoformat(),
+            "expires_at": t.expires_at.isoformat() if t.expires_at else None,
+            "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+            "note": t.note,
+        }
+        for t in tokens
+    ]  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("ID", "USER", "ADMIN", "CREATED", "EXPIRES", "LAST USED", "NOTE", box=None)
+    for r in rows:
+        table.add_row(
+            str(r["id"]), str(r["user"]), "yes" if r["admin"] else "",
+            str(r["created_at"])[:16], str(r["expires_at"] or "never")[:16],
+            str(r["last_used_at"] or "-")[:16], str(r["note"]),
+        )  # fmt: skip
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str) -> None:
+    """Revoke a token: it, and every browser login made with it, stop working at once."""
+    accounts, store = _accounts()
+    try:
+        found = accounts.revoke(token_id)
+    finally:
+        store.close()
+    if not found:
+        raise _fail(f"there is no token {token_id!r}; `codestation token list` shows them.")
+    out.print(f"{token_id} revoked")
+
+
+@user_app.command("ls")
+def user_ls(as_json: JsonOption = False) -> None:
+    """Every user, with how many tokens and live sessions they have."""
+    accounts, store = _accounts()
+    try:
+        users = accounts.users()
+        live = [s.owner for s in store.list(live_only=True)]
+    finally:
+        store.close()
+    rows = [
+        {"user": u.name, "admin": u.admin, "tokens": u.tokens, "live_sessions": live.count(u.name),
+         "created_at": u.created_at.isoformat()}
+        for u in users
+    ]  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("USER", "ADMIN", "TOKENS", "LIVE SESSIONS", "SINCE", box=None)
+    for r in rows:
+        table.add_row(
+            str(r["user"]), "yes" if r["admin"] else "", str(r["tokens"]),
+            str(r["live_sessions"]), str(r["created_at"])[:10],
+        )  # fmt: skip
+    out.print(table)
+
+
+def _accounts() -> tuple[Accounts, Store]:
+    from codestation.accounts import Accounts
+    from codestation.store import Store
+
+    settings = Settings()
+    store = Store(settings.db_path)
+    return Accounts(store, settings), store
 
 
 @image_app.command("build")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 
 from codestation.errors import CodestationError, StartTimeout, Unavailable, error_for_code
-from codestation.schemas import SessionInfo, SessionList, StartRequest, StartResponse
+from codestation.schemas import Me, SessionInfo, SessionList, StartRequest, StartResponse
 from codestation.sessions import Status
 
 DEFAULT_URL = "http://127.0.0.1:8585"
@@ -19,7 +20,9 @@ DEFAULT_URL = "http://127.0.0.1:8585"
 class Client:
     """A codestation service. Errors come back as the classes in `codestation.errors`.
 
-    >>> with Client() as cs:
+    `token` is sent as `Authorization: Bearer <token>`; it defaults to `$CODESTATION_TOKEN`.
+
+    >>> with Client("http://127.0.0.1:8585", token="cst_...") as cs:
     ...     session = cs.wait(cs.start("/home/me/project").id)
     ...     print(session.url, session.auth.password)
     """
@@ -28,11 +31,17 @@ class Client:
         self,
         base_url: str = DEFAULT_URL,
         *,
+        token: str | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        token = token or os.environ.get("CODESTATION_TOKEN") or None
+        # httpx masks the Authorization header in every repr, so the token never prints.
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers=headers
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -130,9 +139,14 @@ class Client:
     def delete(self, session_id: str) -> None:
         self._request("DELETE", f"/api/v1/code/session/{session_id}")
 
-    def stop_all(self) -> list[SessionInfo]:
-        body = self._request("POST", "/api/v1/code/stop").json()
+    def stop_all(self, *, everyone: bool = False) -> list[SessionInfo]:
+        """Stop your live sessions; an admin may stop `everyone`'s."""
+        params = {"all": "true"} if everyone else {}
+        body = self._request("POST", "/api/v1/code/stop", params=params).json()
         return [SessionInfo.model_validate(s) for s in body["stopped"]]
+
+    def me(self) -> Me:
+        return Me.model_validate(self._request("GET", "/api/v1/code/me").json())
 
 
 def _raise_for_error(response: httpx.Response) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
@@ -22,6 +24,9 @@ from pydantic_settings import (
 
 OPENCODE_VERSION = "1.18.33"
 DEFAULT_CONFIG_FILE = Path("~/.config/codestation/config.toml")
+# A user name is put into paths (`/home/{user}`) and host-only cookies: keep it to a Unix name.
+USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Limits(BaseModel):
@@ -66,6 +71,27 @@ class EnvironmentProfile(BaseModel):
     max_age: float | None = Field(default=None, ge=0, description="Unset: the service's max_age.")
 
 
+class UserProfile(BaseModel):
+    """What one user may do, over the service's defaults (`[users.<name>]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_roots: list[Path] | None = Field(
+        default=None,
+        description="Where this user's workspaces may lie ({user} is replaced by the name); "
+        "unset: the service's allowed_roots.",
+    )
+    max_sessions: int | None = Field(
+        default=None, ge=1, description="Live sessions at once; unset: max_sessions_per_user."
+    )
+    uid: int | None = Field(
+        default=None,
+        ge=0,
+        description="The Unix uid whose workspaces this user may start sessions on; unset: the "
+        "uid of the Unix account of the same name, if there is one.",
+    )
+
+
 def _default_roots() -> list[Path]:
     return [Path.home().resolve(), Path(tempfile.gettempdir()).resolve()]
 
@@ -104,9 +130,40 @@ class Settings(BaseSettings):
         ":<port>/ (browsers resolve *.localhost to this machine; use a wildcard DNS name in "
         "a real deployment).",
     )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#@]+/?$",
+        description="Where people open codestation, e.g. https://codestation.example.com behind "
+        "a TLS proxy: the login link, redirects and session host names use it. Unset: "
+        "http://127.0.0.1:<port>.",
+    )
     allowed_roots: list[Path] = Field(
         default_factory=_default_roots,
-        description="Workspaces must lie inside one of these directories.",
+        description="Workspaces must lie inside one of these directories; {user} is replaced "
+        "by the requesting user's name (e.g. /home/{user}).",
+    )
+    users: dict[str, UserProfile] = Field(
+        default_factory=dict, description="Per-user settings, by codestation user name."
+    )
+    max_sessions_per_user: int = Field(
+        default=10, ge=1, description="Live sessions one user may have at once."
+    )
+    admin_any_owner: bool = Field(
+        default=True,
+        description="Admins may start sessions on workspaces owned by anyone, root included "
+        "(the agent then runs as that owner); false holds admins to the owner rule too.",
+    )
+    token_file: Path = Field(
+        default=Path("~/.config/codestation/token"),
+        description="Where the CLI looks for a token when neither --token nor "
+        "CODESTATION_TOKEN gives one (it must be mode 0600); `serve` writes the first admin "
+        "token there.",
+    )
+    login_days: float = Field(
+        default=7, gt=0, description="Days a browser login lasts (never beyond its token's)."
+    )
+    max_body_size: int = Field(
+        default=1 << 20, ge=1024, description="Bytes a request body to the API may have (413)."
     )
     start_timeout: float = Field(
         default=60.0,
@@ -165,9 +222,65 @@ class Settings(BaseSettings):
             )
         self.data_dir = self.data_dir.expanduser()
         self.cache_dir = self.cache_dir.expanduser()
-        self.allowed_roots = [p.expanduser().resolve() for p in self.allowed_roots]
+        self.token_file = self.token_file.expanduser()
+        self.allowed_roots = [p.expanduser() for p in self.allowed_roots]
+        bad = [name for name in self.users if not USER_NAME.match(name)]
+        if bad:
+            raise ValueError(f"user names {bad} are not lowercase Unix names ({USER_NAME.pattern})")
         self.environments.setdefault("default", EnvironmentProfile())
         return self
+
+    def user(self, name: str) -> UserProfile:
+        return self.users.get(name) or UserProfile()
+
+    def roots_for(self, user: str) -> list[Path]:
+        """The directories `user`'s workspaces must lie in, resolved, {user} replaced."""
+        roots = self.user(user).allowed_roots or self.allowed_roots
+        return [Path(str(r).replace("{user}", user)).expanduser().resolve() for r in roots]
+
+    def max_sessions(self, user: str) -> int:
+        return self.user(user).max_sessions or self.max_sessions_per_user
+
+    @property
+    def reserved_dirs(self) -> list[Path]:
+        """codestation's own directories: no workspace may hold one or lie inside one."""
+        import codestation
+
+        dirs = [
+            self.data_dir, self.cache_dir, DEFAULT_CONFIG_FILE.expanduser().parent,
+            self.token_file.parent, Path(sys.prefix), Path(codestation.__file__).parent,
+        ]  # fmt: skip
+        explicit = os.environ.get("CODESTATION_CONFIG")
+        if explicit:
+            dirs.append(Path(explicit).expanduser().parent)
+        if self.opencode_binary is not None:
+            dirs.append(self.opencode_binary.parent)
+        return sorted({d.resolve() for d in dirs})
+
+    @property
+    def service_url(self) -> str:
+        """The origin people reach the service at (no trailing slash)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """Host names the service answers to (besides sessions' `<id>.<proxy_domain>`)."""
+        hosts = set(LOOPBACK_HOSTS)
+        hosts.add((urlsplit(self.service_url).hostname or "").lower())
+        if self.public_host:
+            hosts.add(self.public_host.lower())
+        if self.host not in ("0.0.0.0", "", "::"):
+            hosts.add(self.host.lower())
+        return frozenset(hosts)
+
+    def web_url(self, session_id: str) -> str:
+        """A session's OpenCode UI through codestation: its own host name, the service's port."""
+        parts = urlsplit(self.service_url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{session_id}.{self.proxy_domain}{port}/"
 
     @property
     def local_host(self) -> str:

@@ -1,10 +1,16 @@
 """Every error codestation raises on purpose, drawn once.
 
     CodestationError                  500 internal_error
-    ├── SessionNotFound               404 session_not_found
+    ├── SessionNotFound               404 session_not_found   (also: another user's session)
     ├── BadRequest                    400 bad_request
     │   ├── WorkspaceRejected         400 workspace_rejected
-    │   └── UnknownEnvironment        400 unknown_environment
+    │   ├── UnknownEnvironment        400 unknown_environment
+    │   └── UnknownHost               400 unknown_host        (DNS rebinding ends here)
+    ├── Unauthorized                  401 unauthorized        (no token, or a bad one)
+    ├── Forbidden                     403 forbidden
+    │   └── CsrfFailed                403 csrf_failed
+    ├── PayloadTooLarge               413 payload_too_large
+    ├── TooManySessions               429 too_many_sessions
     ├── Unavailable                   503 unavailable
     │   ├── NoFreePort                503 no_free_port
     │   └── RuntimeUnavailable        503 runtime_unavailable
@@ -43,6 +49,34 @@ class WorkspaceRejected(BadRequest):
 
 class UnknownEnvironment(BadRequest):
     code = "unknown_environment"
+
+
+class UnknownHost(BadRequest):
+    code = "unknown_host"
+
+
+class Unauthorized(CodestationError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(CodestationError):
+    status_code = 403
+    code = "forbidden"
+
+
+class CsrfFailed(Forbidden):
+    code = "csrf_failed"
+
+
+class PayloadTooLarge(CodestationError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class TooManySessions(CodestationError):
+    status_code = 429
+    code = "too_many_sessions"
 
 
 class Unavailable(CodestationError):

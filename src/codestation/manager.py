@@ -1,5 +1,10 @@
 """SessionManager: the only code that changes a session's state.
 
+Every public method that finds a session takes the `Caller` first: a session belongs to the
+user who started it, and anyone else (but an admin) is told it does not exist, exactly as for
+an unknown id. The manager's own loops (watching, culling, re-adopting) work on all sessions
+through the private methods.
+
 It validates a request, leases a port and records the session as `starting` before it answers;
 a background task then prepares the runtime, launches OpenCode and probes it until it answers
 (`running`) or the start fails (`failed`, with the reason and the last log lines, and the
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pwd
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -21,23 +27,27 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from codestation import agent
-from codestation.config import Settings
+from codestation.config import Limits, Settings
 from codestation.errors import (
     AgentExited,
     BadRequest,
     CodestationError,
+    Forbidden,
     RuntimeUnavailable,
     SessionNotFound,
     StartTimeout,
+    TooManySessions,
     UnknownEnvironment,
 )
+from codestation.identity import Caller
 from codestation.ports import PortAllocator
 from codestation.runtimes import LaunchSpec, Runtime, State, choose_runtime
 from codestation.sessions import Session, Status, new_session_id, now
-from codestation.store import Store
-from codestation.workspaces import validate_workspace
+from codestation.store import LimitReached, Store
+from codestation.workspaces import Workspace, check_owner, open_workspace
 
 log = logging.getLogger("codestation")
 
@@ -62,7 +72,7 @@ class SessionManager:
         self._loops: list[asyncio.Task[None]] = []
         self._touched: dict[str, datetime] = {}
         self._unpollable: set[str] = set()
-        self._subscribers: set[asyncio.Queue[tuple[str, Session | str]]] = set()
+        self._subscribers: dict[asyncio.Queue[tuple[str, Session]], Caller] = {}
 
     # -- lifecycle of the manager itself ---------------------------------------------------
 
@@ -81,7 +91,9 @@ class SessionManager:
         """Stop watching. Sessions keep running and are re-adopted at the next `open`, unless
         `stop_on_shutdown` is set."""
         if self.settings.stop_on_shutdown:
-            await self.stop_all(reason="shutdown")
+            await asyncio.gather(
+                *(self._stop(s.id, "shutdown") for s in self.store.list(live_only=True))
+            )
         tasks = [*self._launches.values(), *self._loops]
         for task in tasks:
             task.cancel()
@@ -190,11 +202,11 @@ class SessionManager:
             why = session.due(now())
             if why is not None:
                 log.info("session %s: stopping, %s", session.id, why.replace("_", " "))
-                await self.stop(session.id, reason=why)
+                await self._stop(session.id, why)
 
     async def _readopt(self, session: Session) -> None:
         if session.status is Status.STOPPING:
-            await self.stop(session.id)
+            await self._stop(session.id, session.reason or "requested")
             return
         runtime = self.runtimes[session.runtime]
         exit_ = await runtime.poll(session.id, session.runtime_state)
@@ -206,41 +218,45 @@ class SessionManager:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def find(self, session_id: str) -> Session | None:
-        return self.store.get(session_id)
-
-    def get(self, session_id: str) -> Session:
+    def get(self, caller: Caller, session_id: str) -> Session:
+        """The session, if `caller` may see it; else SessionNotFound, as for an unknown id."""
         session = self.store.get(session_id)
-        if session is None:
+        if session is None or not caller.sees(session.owner):
             raise SessionNotFound(
-                f"there is no session {session_id!r}; list them with GET /api/v1/code/sessions."
+                f"there is no session {session_id!r}; list yours with GET /api/v1/code/sessions."
             )
         return session
 
-    def sessions(self) -> list[Session]:
-        return self.store.list()
+    def sessions(self, caller: Caller) -> list[Session]:
+        return [s for s in self.store.list() if caller.sees(s.owner)]
+
+    def _load(self, session_id: str) -> Session:
+        session = self.store.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"there is no session {session_id!r}.")
+        return session
 
     def url(self, session: Session) -> str:
         return f"http://{self.settings.session_host}:{session.port}"
 
     def web_url(self, session: Session) -> str:
-        return f"http://{session.id}.{self.settings.proxy_domain}:{self.settings.port}/"
+        return self.settings.web_url(session.id)
 
     def _local_url(self, session: Session) -> str:
         return f"http://{self.settings.local_host}:{session.port}"
 
-    async def logs(self, session_id: str, tail: int) -> str:
-        session = self.get(session_id)
+    async def logs(self, caller: Caller, session_id: str, tail: int) -> str:
+        session = self.get(caller, session_id)
         if session.status.live:
             runtime = self.runtimes[session.runtime]
             return await runtime.logs(session.id, session.runtime_state, tail)
         lines = (session.log_tail or "").splitlines(keepends=True)
         return "".join(lines[-tail:])
 
-    async def follow(self, session_id: str, tail: int) -> AsyncIterator[bytes]:
-        session = self.get(session_id)
+    async def follow(self, caller: Caller, session_id: str, tail: int) -> AsyncIterator[bytes]:
+        session = self.get(caller, session_id)
         if not session.status.live:
-            yield (await self.logs(session_id, tail)).encode()
+            yield (await self.logs(caller, session_id, tail)).encode()
             return
         runtime = self.runtimes[session.runtime]
         async for chunk in runtime.follow(session.id, session.runtime_state, tail):
@@ -250,13 +266,14 @@ class SessionManager:
 
     async def start(
         self,
+        caller: Caller,
         workspace: str,
         environment: str = "default",
         *,
         idle_timeout: float | None = None,
         max_age: float | None = None,
     ) -> Session:
-        """Record a new `starting` session and launch it in the background."""
+        """Record a new `starting` session of `caller`'s and launch it in the background."""
         profile = self.settings.environments.get(environment)
         if profile is None:
             names = ", ".join(sorted(self.settings.environments))
@@ -272,48 +289,94 @@ class SessionManager:
         )
         age = _bounded("max_age", max_age, profile.max_age, self.settings.max_age, environment)
         limits = profile.limits or self.settings.limits
-        path = validate_workspace(workspace, self.settings.allowed_roots, self.settings.data_dir)
         runtime = await self._runtime(profile.runtime or self.default_runtime)
-        owner = path.stat()
-        password = secrets.token_urlsafe(24)
-        session_id = new_session_id()
-        session = self.ports.lease(
-            lambda port: Session(
-                id=session_id,
-                status=Status.STARTING,
-                runtime=runtime.name,
-                workspace=path,
-                environment=environment,
-                port=port,
-                username=agent.USERNAME,
-                password=password,
-                created_at=now(),
-                step="queued",
-                idle_timeout=idle,
-                max_age=age,
-                limits=runtime.enforced(limits),
-            )
+        opened = open_workspace(
+            workspace, self.settings.roots_for(caller.user), self.settings.reserved_dirs
         )
+        try:
+            session = self._record_start(caller, opened, runtime, environment, idle, age, limits)
+        except BaseException:
+            opened.close()
+            raise
         spec = LaunchSpec(
             session_id=session.id,
-            workspace=path,
+            workspace=opened,
             address=self.settings.publish_address,
             port=session.port,
-            env=agent.agent_env(password, profile),
+            env=agent.agent_env(session.password, profile),
             profile=profile,
             limits=limits,
-            uid=owner.st_uid,
-            gid=owner.st_gid,
+            uid=opened.uid,
+            gid=opened.gid,
         )
         self._publish("session", session)
-        self._spawn(session.id, self._launch(runtime, session.id, spec=spec))
-        log.info("session %s starting on port %d for %s", session.id, session.port, path)
+        task = self._spawn(session.id, self._launch(runtime, session.id, spec=spec))
+        # Even a launch cancelled before it began must let go of the directory.
+        task.add_done_callback(lambda _: opened.close())
+        log.info("session %s of %s starting on port %d for %s",
+                 session.id, caller.user, session.port, opened.path)  # fmt: skip
         return session
 
-    def _spawn(self, session_id: str, work: Coroutine[Any, Any, None]) -> None:
+    def _record_start(
+        self,
+        caller: Caller,
+        workspace: Workspace,
+        runtime: Runtime,
+        environment: str,
+        idle: float,
+        age: float,
+        limits: Limits,
+    ) -> Session:
+        check_owner(
+            workspace,
+            caller.user,
+            self._uid_of(caller.user),
+            exempt=caller.admin and self.settings.admin_any_owner,
+        )
+        password = SecretStr(secrets.token_urlsafe(24))
+        session_id = new_session_id()
+        most = self.settings.max_sessions(caller.user)
+        try:
+            return self.ports.lease(
+                lambda port: Session(
+                    id=session_id,
+                    status=Status.STARTING,
+                    runtime=runtime.name,
+                    workspace=workspace.path,
+                    environment=environment,
+                    port=port,
+                    username=agent.USERNAME,
+                    password=password,
+                    created_at=now(),
+                    step="queued",
+                    idle_timeout=idle,
+                    max_age=age,
+                    limits=runtime.enforced(limits),
+                    owner=caller.user,
+                ),
+                max_live=most,
+            )
+        except LimitReached:
+            raise TooManySessions(
+                f"you have {most} live sessions, as many as you may; stop one "
+                "(POST /api/v1/code/session/<id>/stop) before starting another."
+            ) from None
+
+    def _uid_of(self, user: str) -> int | None:
+        """The Unix uid whose workspaces `user` may start sessions on."""
+        configured = self.settings.user(user).uid
+        if configured is not None:
+            return configured
+        try:
+            return pwd.getpwnam(user).pw_uid
+        except KeyError:
+            return None
+
+    def _spawn(self, session_id: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._launches[session_id] = task
         task.add_done_callback(lambda _: self._launches.pop(session_id, None))
+        return task
 
     async def _launch(
         self,
@@ -366,7 +429,7 @@ class SessionManager:
         return state
 
     async def _wait_ready(self, runtime: Runtime, session_id: str, state: State) -> None:
-        session = self.get(session_id)
+        session = self._load(session_id)
         url = self._local_url(session)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.start_timeout
@@ -389,7 +452,7 @@ class SessionManager:
         """Mark a starting or running session failed, remove what is left of its sandbox, and
         keep the reason and the last lines of its log."""
         async with self._locks[session_id]:
-            session = self.get(session_id)
+            session = self._load(session_id)
             if session.status not in (Status.STARTING, Status.RUNNING):
                 return  # a stop took over
             runtime = self.runtimes[session.runtime]
@@ -402,12 +465,33 @@ class SessionManager:
 
     # -- stopping --------------------------------------------------------------------------
 
-    async def stop(self, session_id: str, reason: str = "requested") -> Session:
+    async def stop(self, caller: Caller, session_id: str) -> Session:
+        """Stop one of `caller`'s sessions and remove its sandbox. Idempotent."""
+        self.get(caller, session_id)
+        return await self._stop(session_id, "requested")
+
+    async def stop_all(self, caller: Caller, *, everyone: bool = False) -> list[Session]:
+        """Stop `caller`'s live sessions; an admin may stop `everyone`'s."""
+        if everyone and not caller.admin:
+            raise Forbidden("only an admin may stop everyone's sessions; leave out all=true.")
+        live = [s for s in self.store.list(live_only=True) if everyone or s.owner == caller.user]
+        return list(await asyncio.gather(*(self._stop(s.id, "requested") for s in live)))
+
+    async def delete(self, caller: Caller, session_id: str) -> None:
+        """Stop one of `caller`'s sessions and forget it."""
+        self.get(caller, session_id)
+        session = await self._stop(session_id, "requested")
+        async with self._locks[session_id]:
+            self.store.delete(session_id)
+        self._publish("deleted", session)
+        self._locks.pop(session_id, None)
+
+    async def _stop(self, session_id: str, reason: str) -> Session:
         """Stop a session and remove its sandbox. Idempotent; safe to call concurrently.
 
         `reason` says why: requested, idle, max_age or shutdown."""
         async with self._locks[session_id]:
-            session = self.get(session_id)
+            session = self._load(session_id)
             if not session.status.live:
                 return session
             if session.status is not Status.STOPPING:
@@ -417,7 +501,7 @@ class SessionManager:
             launch.cancel()
             await asyncio.gather(launch, return_exceptions=True)
         async with self._locks[session_id]:
-            session = self.get(session_id)
+            session = self._load(session_id)
             if not session.status.live:
                 return session  # a concurrent stop finished first
             runtime = self.runtimes[session.runtime]
@@ -427,32 +511,23 @@ class SessionManager:
         log.info("session %s stopped", session_id)
         return session
 
-    async def stop_all(self, reason: str = "requested") -> list[Session]:
-        live = self.store.list(live_only=True)
-        return list(await asyncio.gather(*(self.stop(s.id, reason) for s in live)))
-
-    async def delete(self, session_id: str) -> None:
-        await self.stop(session_id)
-        async with self._locks[session_id]:
-            self.store.delete(session_id)
-        self._publish("deleted", session_id)
-        self._locks.pop(session_id, None)
-
     # -- changes, as a stream -------------------------------------------------------------
 
-    def subscribe(self) -> asyncio.Queue[tuple[str, Session | str]]:
-        """A queue of every change from now on: ("session", the session as saved) or
-        ("deleted", its id). Give it back with `unsubscribe`."""
-        queue: asyncio.Queue[tuple[str, Session | str]] = asyncio.Queue()
-        self._subscribers.add(queue)
+    def subscribe(self, caller: Caller) -> asyncio.Queue[tuple[str, Session]]:
+        """A queue of every change to a session `caller` may see, from now on: ("session",
+        the session as saved) or ("deleted", the session as it was). Give it back with
+        `unsubscribe`."""
+        queue: asyncio.Queue[tuple[str, Session]] = asyncio.Queue()
+        self._subscribers[queue] = caller
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[tuple[str, Session | str]]) -> None:
-        self._subscribers.discard(queue)
+    def unsubscribe(self, queue: asyncio.Queue[tuple[str, Session]]) -> None:
+        self._subscribers.pop(queue, None)
 
-    def _publish(self, kind: str, item: Session | str) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait((kind, item))
+    def _publish(self, kind: str, session: Session) -> None:
+        for queue, caller in self._subscribers.items():
+            if caller.sees(session.owner):
+                queue.put_nowait((kind, session))
 
     def _save(self, session: Session) -> None:
         self.store.save(session)
@@ -462,7 +537,7 @@ class SessionManager:
 
     async def _change(self, session_id: str, change: Callable[[Session], Session]) -> Session:
         async with self._locks[session_id]:
-            current = self.get(session_id)
+            current = self._load(session_id)
             updated = change(current)
             if updated is not current:
                 self._save(updated)

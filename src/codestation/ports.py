@@ -44,12 +44,13 @@ class PortAllocator:
             if port not in leased and port_is_free(self.address, port):
                 yield port
 
-    def lease(self, make_session: Callable[[int], Session]) -> Session:
-        """Record `make_session(port)` in the store with the first port that can be had."""
+    def lease(self, make_session: Callable[[int], Session], max_live: int | None = None) -> Session:
+        """Record `make_session(port)` in the store with the first port that can be had
+        (LimitReached if its owner has `max_live` live sessions already)."""
         for port in self.candidates():
             session = make_session(port)
             try:
-                self.store.create(session)
+                self.store.create(session, max_live)
             except PortTaken:
                 continue
             return session

@@ -66,7 +66,10 @@ class SessionInfo(BaseModel):
     limits: dict[str, Any] = Field(
         description="Resource limits its runtime enforces (memory, cpus, pids); empty if none."
     )
-    auth: Auth = Field(description="HTTP Basic credentials OpenCode asks for.")
+    owner: str = Field(description="The user who started it.")
+    auth: Auth = Field(
+        description="HTTP Basic credentials OpenCode asks for (shown to its owner and admins)."
+    )
 
 
 class StartResponse(SessionInfo):
@@ -79,6 +82,28 @@ class SessionList(BaseModel):
 
 class StopAllResponse(BaseModel):
     stopped: list[SessionInfo]
+
+
+class Me(BaseModel):
+    user: str
+    admin: bool
+    token_id: str = Field(description="The token this request, or its login, stands on.")
+    csrf_token: str | None = Field(
+        description="Set for a browser logged in by cookie: send it as X-CSRF-Token with every "
+        "change (POST, DELETE)."
+    )
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(max_length=200, description="A token from `codestation token create`.")
+    next: str = Field(default="/", max_length=2000, description="Where to go afterwards.")
+
+
+class LoginResponse(BaseModel):
+    user: str
+    next: str = Field(description="Where the browser should go now (a path on this origin).")
 
 
 class ErrorBody(BaseModel):

@@ -18,6 +18,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from codestation.errors import CodestationError
 
 
@@ -72,7 +74,7 @@ class Session:
     environment: str
     port: int
     username: str
-    password: str
+    password: SecretStr  # never printed: unwrapped only where it leaves for the sandbox
     created_at: datetime
     started_at: datetime | None = None
     stopped_at: datetime | None = None
@@ -85,6 +87,7 @@ class Session:
     max_age: float = 0  # seconds after its creation it is stopped; 0: never
     last_activity: datetime | None = None
     limits: dict[str, Any] = field(default_factory=dict)  # what its runtime enforces
+    owner: str = ""  # the user who started it; "" for sessions older than accounts: admins'
 
     def due(self, at: datetime) -> str | None:
         """Why a running session should be culled at `at` (`max_age`, `idle`), or None."""

@@ -1,13 +1,18 @@
-"""The session store: SQLite under the data directory, the only code that writes SQL.
+"""The store: SQLite under the data directory, the only code that writes SQL.
 
-Two tables. `sessions` keeps every session ever started until it is deleted. `port_leases`
-holds one row per host port a live session owns; its primary key is the rule that two live
-sessions never share a port, whatever the code above it does. A session reaching `stopped` or
-`failed` gives its lease back in the same transaction that records the final status.
+`sessions` keeps every session ever started until it is deleted. `port_leases` holds one row
+per host port a live session owns; its primary key is the rule that two live sessions never
+share a port, whatever the code above it does. A session reaching `stopped` or `failed` gives
+its lease back in the same transaction that records the final status.
+
+`users`, `tokens` and `logins` are the accounts (`identity.py`): a token belongs to a user, a
+login to a token (and a session host's login to the login it came from); deleting a token
+deletes its logins with it, by the foreign keys.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -20,6 +25,9 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
+from pydantic import SecretStr
+
+from codestation.identity import Login, Token, User
 from codestation.sessions import Session, Status
 
 # SQLite column types of the Session fields; `_to_row`/`_from_row` convert by the field's type.
@@ -47,11 +55,25 @@ def _schema() -> list[str]:
         "CREATE TABLE IF NOT EXISTS port_leases ("
         " port INTEGER PRIMARY KEY,"
         " session_id TEXT NOT NULL UNIQUE REFERENCES sessions(id) ON DELETE CASCADE)",
+        "CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, created_at TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS tokens ("
+        " id TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name), digest TEXT NOT NULL,"
+        " admin INTEGER NOT NULL, created_at TEXT NOT NULL, expires_at TEXT,"
+        " last_used_at TEXT, note TEXT NOT NULL DEFAULT '')",
+        "CREATE TABLE IF NOT EXISTS logins ("
+        " id TEXT PRIMARY KEY, digest TEXT NOT NULL,"
+        " token_id TEXT NOT NULL REFERENCES tokens(id) ON DELETE CASCADE,"
+        " scope TEXT NOT NULL, csrf TEXT NOT NULL, created_at TEXT NOT NULL,"
+        " expires_at TEXT NOT NULL, parent TEXT REFERENCES logins(id) ON DELETE CASCADE)",
     ]
 
 
 class PortTaken(Exception):
     """The port is leased to another live session (raised by `Store.create`)."""
+
+
+class LimitReached(Exception):
+    """The session's owner has as many live sessions as they may (raised by `Store.create`)."""
 
 
 class Store:
@@ -90,10 +112,18 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
-    def create(self, session: Session) -> None:
-        """Record a new live session and lease its port, or raise PortTaken."""
+    def create(self, session: Session, max_live: int | None = None) -> None:
+        """Record a new live session and lease its port, or raise PortTaken; or LimitReached
+        if its owner already has `max_live` live sessions (counted in the same transaction,
+        so concurrent starts cannot overshoot)."""
         row = _to_row(session)
         with self._transaction() as db:
+            if max_live is not None:
+                (live,) = db.execute(
+                    f"SELECT COUNT(*) FROM sessions WHERE owner = ? AND {_LIVE}", (session.owner,)
+                ).fetchone()
+                if live >= max_live:
+                    raise LimitReached(live)
             db.execute(
                 f"INSERT INTO sessions ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
@@ -126,11 +156,7 @@ class Store:
         return _from_row(row) if row else None
 
     def list(self, *, live_only: bool = False) -> list[Session]:
-        where = (
-            f"WHERE status IN ({', '.join(repr(s.value) for s in Status if s.live)})"
-            if live_only
-            else ""
-        )
+        where = f"WHERE {_LIVE}" if live_only else ""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM sessions {where} ORDER BY created_at"
@@ -147,8 +173,100 @@ class Store:
             db.execute("DELETE FROM port_leases WHERE session_id = ?", (session_id,))
             db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
+    # -- accounts -------------------------------------------------------------------------
+
+    def add_token(self, token: Token) -> None:
+        """Record a token, and its user if this is their first."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO users (name, created_at) VALUES (?, ?)",
+                (token.user, _encode(token.created_at)),
+            )
+            db.execute(
+                "INSERT INTO tokens (id, user, digest, admin, created_at, expires_at, note) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token.id, token.user, token.digest, int(token.admin),
+                 _encode(token.created_at), _encode(token.expires_at), token.note),
+            )  # fmt: skip
+
+    def token(self, token_id: str) -> Token | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_TOKEN} FROM tokens WHERE id = ?", (token_id,))
+            found = row.fetchone()
+        return _token(found) if found else None
+
+    def tokens(self) -> builtins.list[Token]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_TOKEN} FROM tokens ORDER BY created_at").fetchall()
+        return [_token(r) for r in rows]
+
+    def token_used(self, token_id: str, at: datetime) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (_encode(at), token_id))
+
+    def delete_token(self, token_id: str) -> bool:
+        """Delete a token and every login made with it; whether there was one."""
+        with self._transaction() as db:
+            return db.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount > 0
+
+    def users(self) -> builtins.list[User]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT u.name, u.created_at, COUNT(t.id), COALESCE(MAX(t.admin), 0) "
+                "FROM users u LEFT JOIN tokens t ON t.user = u.name "
+                "GROUP BY u.name ORDER BY u.created_at"
+            ).fetchall()
+        return [User(n, datetime.fromisoformat(c), k, bool(a)) for n, c, k, a in rows]
+
+    def add_login(self, login: Login) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO logins (id, digest, token_id, scope, csrf, created_at, expires_at,"
+                " parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (login.id, login.digest, login.token_id, login.scope,
+                 login.csrf.get_secret_value(), _encode(login.created_at),
+                 _encode(login.expires_at), login.parent),
+            )  # fmt: skip
+
+    def login(self, login_id: str) -> Login | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, digest, token_id, scope, csrf, created_at, expires_at, parent "
+                "FROM logins WHERE id = ?",
+                (login_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        i, d, t, scope, csrf, created, expires, parent = row
+        return Login(i, d, t, scope, SecretStr(csrf), datetime.fromisoformat(created),
+                     datetime.fromisoformat(expires), parent)  # fmt: skip
+
+    def delete_login(self, login_id: str) -> None:
+        """Delete a login and the session-host logins made from it."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM logins WHERE id = ?", (login_id,))
+
+    def delete_expired_logins(self, at: datetime) -> int:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM logins WHERE expires_at <= ?", (_encode(at),)).rowcount
+
+
+_LIVE = f"status IN ({', '.join(repr(s.value) for s in Status if s.live)})"
+_TOKEN = "id, user, digest, admin, created_at, expires_at, last_used_at, note"
+
+
+def _token(row: tuple[Any, ...]) -> Token:
+    i, user, d, admin, created, expires, used, note = row
+    return Token(
+        i, user, d, bool(admin), datetime.fromisoformat(created),
+        datetime.fromisoformat(expires) if expires else None,
+        datetime.fromisoformat(used) if used else None, note or "",
+    )  # fmt: skip
+
 
 def _encode(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, Path):
@@ -169,7 +287,7 @@ def _decode(name: str, raw: Any) -> Any:
         return datetime.fromisoformat(raw)
     if get_origin(base) is dict:
         return json.loads(raw)
-    if base in (Status, Path):
+    if base in (Status, Path, SecretStr):
         return base(raw)
     return raw
 

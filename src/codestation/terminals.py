@@ -50,7 +50,7 @@ class Terminals:
         return f"http://{self.local_host}:{session.port}"
 
     def _auth(self, session: Session) -> tuple[str, str]:
-        return (session.username, session.password)
+        return (session.username, session.password.get_secret_value())
 
     async def _pty(self, session: Session, mode: str, inside_port: int) -> str:
         """The id of the session's terminal in `mode`, made if it has none (or it ended)."""
@@ -63,8 +63,10 @@ class Terminals:
             if alive.status_code == 200 and alive.json().get("status") == "running":
                 return known.pty_id
         if mode == "agent":
+            # No password on the command line (`ps` shows it): `attach` takes it from
+            # OPENCODE_SERVER_PASSWORD, which the PTY inherits from the session's OpenCode.
             command = "opencode"
-            args = ["attach", f"http://127.0.0.1:{inside_port}", "-p", session.password]
+            args = ["attach", f"http://127.0.0.1:{inside_port}"]
         else:
             command, args = "bash", []
         created = await self._http.post(

@@ -1,8 +1,10 @@
 """The real service as a subprocess, against the real Docker engine and OpenCode binary.
 
-Every service a test starts gets its own data directory and port range; when the test ends,
-the fixture stops what is left and checks nothing leaked: no container labelled with that data
-directory, no port still leased or held.
+Every service a test starts gets its own data directory, token file and port range. Its first
+start makes the admin token, as it would for a person, and the fixture reads it from the token
+file; `service.client` and `service.http()` carry it. When the test ends, the fixture stops what
+is left and checks nothing leaked: no container labelled with that data directory, no port
+still leased or held.
 """
 
 from __future__ import annotations
@@ -68,13 +70,42 @@ class Service:
     process: subprocess.Popen[bytes]
     env: dict[str, str]
     log: Path
+    token: str = ""  # the admin token its first start made
     client: Client = field(init=False)
 
     def __post_init__(self) -> None:
-        self.client = Client(self.url, timeout=120)
+        self.client = Client(self.url, timeout=120, token=self.token or None)
 
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120)
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def http(self, token: str | None = None) -> httpx.Client:
+        """A client with the admin's token, or `token`'s."""
+        return httpx.Client(base_url=self.url, timeout=120, headers=self.auth_headers(token))
+
+    def auth_headers(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+    def client_for(self, token: str) -> Client:
+        return Client(self.url, timeout=120, token=token)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`codestation ARGS` against this service's data and configuration."""
+        return subprocess.run(
+            [sys.executable, "-m", "codestation.cli", *args],
+            env={**self.env, "CODESTATION_URL": self.url, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    def make_token(self, user: str, *, admin: bool = False, expires: str | None = None) -> str:
+        """A new token for `user`, made as an admin would: `codestation token create`."""
+        args = ["token", "create", "--user", user, *(["--admin"] if admin else [])]
+        made = self.cli(*args, *(["--expires", expires] if expires else []))
+        assert made.returncode == 0, made.stderr
+        return made.stdout.strip()
 
     def leftovers(self) -> list[str]:
         """Sandboxes of this service still on the machine: containers, bwrap processes."""
@@ -143,8 +174,10 @@ def launch(
     data_dir = tmp_path / f"data-{len(list(tmp_path.glob('data-*')))}"
     port = free_port()
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "CODESTATION_TOKEN"},
         "CODESTATION_DATA_DIR": str(data_dir),
+        # A directory of its own: codestation refuses workspaces that hold its token file's.
+        "CODESTATION_TOKEN_FILE": str(data_dir.parent / f"config-{data_dir.name}" / "token"),
         "CODESTATION_PORT": str(port),
         "CODESTATION_PORT_RANGE_START": str(ports[0]),
         "CODESTATION_PORT_RANGE_END": str(ports[1]),
@@ -155,6 +188,8 @@ def launch(
     log = tmp_path / f"service-{port}.log"
     service = Service(f"http://127.0.0.1:{port}", data_dir, ports, _spawn(env, log), env, log)
     _wait_healthy(service)
+    service.token = Path(env["CODESTATION_TOKEN_FILE"]).read_text().strip()
+    service.client = service.client_for(service.token)
     return service
 
 
@@ -184,7 +219,7 @@ def launch_service(tmp_path: Path) -> Iterator[ServiceFactory]:
     yield factory
     for service in started:
         if service.process.poll() is None:
-            service.client.stop_all()
+            service.client.stop_all(everyone=True)
             service.stop_process()
         leftovers = service.leftovers()
         for container in service.containers():

@@ -114,7 +114,7 @@ def test_traffic_through_the_proxy_keeps_it(start_service: ServiceFactory, works
     service = start_service(cull_interval="0.5")
     session = running(service, workspace, idle_timeout=3)
     port = service.url.rsplit(":", 1)[1]
-    host = {"Host": f"{session.id}.localhost:{port}"}
+    host = {"Host": f"{session.id}.localhost:{port}", **service.auth_headers()}
     with httpx.Client(base_url=service.url, headers=host, timeout=10) as http:
         for _ in range(16):  # 8 s of a person using OpenCode's UI
             assert http.get("/global/health").status_code == 200

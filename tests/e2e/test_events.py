@@ -21,7 +21,7 @@ def listen(service: Service, into: queue.Queue[tuple[str, Any]], stop: threading
 
 def read(service: Service, into: queue.Queue[tuple[str, Any]], stop: threading.Event) -> None:
     with (
-        httpx.Client(timeout=httpx.Timeout(10, read=None)) as http,
+        httpx.Client(timeout=httpx.Timeout(10, read=None), headers=service.auth_headers()) as http,
         http.stream("GET", f"{service.url}/api/v1/code/events") as response,
     ):
         assert response.headers["content-type"].startswith("text/event-stream")

@@ -58,7 +58,8 @@ def test_start_run_reach_and_stop(service: Service, workspace: Path, runtime: st
 
     assert service.leftovers() == []
     assert port_is_free("127.0.0.1", session.port)
-    assert httpx.get(f"{service.url}/api/v1/code/session/{session_id}/logs").status_code == 200
+    with service.http() as http:
+        assert http.get(f"/api/v1/code/session/{session_id}/logs").status_code == 200
     # Nothing of the user's was deleted or changed; the file made after start is still there.
     after = snapshot(workspace)
     assert after.pop("made-on-host.txt")[1] == b"hello from the host\n"

@@ -6,7 +6,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from codestation import Client, Status
+from codestation import Status
 from codestation.ports import port_is_free
 from tests.e2e.conftest import ServiceFactory
 
@@ -45,14 +45,14 @@ def test_an_exhausted_range_answers_503(start_service: ServiceFactory, tmp_path:
 
 
 def test_twenty_concurrent_starts(start_service: ServiceFactory, tmp_path: Path) -> None:
-    service = start_service(size=25, start_timeout="180")
+    service = start_service(size=25, start_timeout="180", max_sessions_per_user="20")
     workspaces = []
     for i in range(20):
         (tmp_path / f"w{i}").mkdir()
         workspaces.append(str(tmp_path / f"w{i}"))
 
     def start(ws: str) -> str:
-        with Client(service.url, timeout=120) as client:
+        with service.client_for(service.token) as client:
             return client.start(ws).id
 
     with ThreadPoolExecutor(20) as pool:

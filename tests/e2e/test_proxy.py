@@ -23,9 +23,9 @@ def test_http_sse_and_websocket_pass_through(service: Service, workspace: Path) 
     session = running(service, workspace)
     port = service.url.rsplit(":", 1)[1]
     assert session.web_url == f"http://{session.id}.localhost:{port}/"
-    host = {"Host": f"{session.id}.localhost:{port}"}
+    host = {"Host": f"{session.id}.localhost:{port}", **service.auth_headers()}
     with httpx.Client(base_url=service.url, headers=host, timeout=30) as http:
-        # No credentials from the client: the proxy adds them.
+        # No OpenCode password from the client (only codestation's token): the proxy adds it.
         health = http.get("/global/health")
         assert health.status_code == 200
         assert health.json()["healthy"] is True
@@ -47,7 +47,9 @@ def test_http_sse_and_websocket_pass_through(service: Service, workspace: Path) 
     # The session's host name, on a socket to this machine (as a browser resolves *.localhost).
     sock = socket.create_connection(("127.0.0.1", int(port)))
     with connect(
-        f"ws://{session.id}.localhost:{port}/pty/{pty['id']}/connect?cursor=0", sock=sock
+        f"ws://{session.id}.localhost:{port}/pty/{pty['id']}/connect?cursor=0",
+        sock=sock,
+        additional_headers=service.auth_headers(),
     ) as ws:
         ws.send("echo proxied-$((6*7))\n")
         seen = ""
@@ -60,7 +62,7 @@ def test_http_sse_and_websocket_pass_through(service: Service, workspace: Path) 
 
 def test_unknown_and_stopped_sessions_are_refused(service: Service, workspace: Path) -> None:
     port = service.url.rsplit(":", 1)[1]
-    with httpx.Client(base_url=service.url, timeout=30) as http:
+    with service.http() as http:
         missing = http.get("/", headers={"Host": f"cs-nope.localhost:{port}"})
         assert missing.status_code == 404
         session = running(service, workspace)

@@ -29,7 +29,8 @@ def test_workspace_rules(service: Service, tmp_path: Path) -> None:
         str(a_file): "not a directory",
         "/etc": "outside the allowed roots",
         str(escape): "really /etc",
-        str(service.data_dir.parent): "data directory",
+        str(service.data_dir.parent): "codestation's own directory",
+        str(service.data_dir): "codestation's own directory",
         "": "empty",
     }
     with service.http() as http:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ def open_terminal(service: Service, session: SessionInfo, mode: str) -> ClientCo
     return connect(
         f"ws://127.0.0.1:{port}/api/v1/code/session/{session.id}/terminal?mode={mode}",
         origin=Origin(f"http://127.0.0.1:{port}"),
+        additional_headers=service.auth_headers(),
     )
 
 
@@ -60,12 +62,16 @@ def test_agent_mode_shows_opencode_s_tui(service: Service, workspace: Path) -> N
     session = service.client.wait(service.client.start(str(workspace)).id)
     with open_terminal(service, session, "agent") as ws:
         ws.send(json.dumps({"rows": 30, "cols": 100}))
-        output = b""
-        deadline = time.monotonic() + 30
-        while len(output) < 200 and time.monotonic() < deadline:
-            frame = ws.recv(timeout=30)
-            output += frame.encode() if isinstance(frame, str) else frame
-        assert b"\x1b[" in output  # a full-screen TUI draws with escape sequences
+        # The TUI, attached to the session's server (its password from the environment, not
+        # the command line), draws its prompt and the server's project directory.
+        raw, text = "", ""
+        deadline = time.monotonic() + 60
+        while not ("/workspace" in text and "Ask anything" in text):
+            assert time.monotonic() < deadline, f"the TUI never drew its prompt: {text[-600:]!r}"
+            frame = ws.recv(timeout=60)
+            raw += frame if isinstance(frame, str) else frame.decode(errors="replace")
+            text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", raw)
+        assert "\x1b[" in raw  # a full-screen TUI draws with escape sequences
 
 
 def test_a_foreign_origin_is_refused(service: Service, workspace: Path) -> None:
@@ -73,6 +79,12 @@ def test_a_foreign_origin_is_refused(service: Service, workspace: Path) -> None:
     port = service.url.rsplit(":", 1)[1]
     url = f"ws://127.0.0.1:{port}/api/v1/code/session/{session.id}/terminal?mode=shell"
     with pytest.raises(InvalidStatus):
-        connect(url, origin=Origin("http://evil.example"))
+        connect(
+            url, origin=Origin("http://evil.example"), additional_headers=service.auth_headers()
+        )
     with pytest.raises(InvalidStatus):  # nor a session's own OpenCode page
-        connect(url, origin=Origin(f"http://{session.id}.localhost:{port}"))
+        connect(
+            url,
+            origin=Origin(f"http://{session.id}.localhost:{port}"),
+            additional_headers=service.auth_headers(),
+        )

@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from codestation.sessions import Session, Status, new_session_id
 
 
@@ -18,7 +20,7 @@ def make_session(port: int = 30000, **fields: Any) -> Session:
         "environment": "default",
         "port": port,
         "username": "opencode",
-        "password": "secret",
+        "password": SecretStr("secret"),
         "created_at": datetime.now(UTC),
         **fields,
     }

@@ -59,3 +59,52 @@ def test_masked_hides_secret_looking_values_at_any_depth() -> None:
     assert shown["environments"]["x"]["opencode_config"]["provider"]["p"]["options"] == {
         "apiKey": "********"
     }
+
+
+def test_per_user_roots_limits_and_uids() -> None:
+    s = Settings(
+        allowed_roots=["/home/{user}", "/srv/shared"],
+        max_sessions_per_user=4,
+        users={
+            "alice": {"max_sessions": 1, "uid": 4321},
+            "bob": {"allowed_roots": ["/data/{user}"]},
+        },
+    )
+    assert s.roots_for("carol") == [Path("/home/carol"), Path("/srv/shared")]
+    assert s.roots_for("bob") == [Path("/data/bob")]
+    assert (s.max_sessions("alice"), s.max_sessions("bob")) == (1, 4)
+    assert s.user("alice").uid == 4321
+    assert s.user("nobody").uid is None
+    with pytest.raises(ValueError, match="not lowercase Unix names"):
+        Settings(users={"../etc": {}})
+
+
+def test_where_the_service_is_reached() -> None:
+    local = Settings(port=8585)
+    assert local.service_url == "http://127.0.0.1:8585"
+    assert local.web_url("cs-abc") == "http://cs-abc.localhost:8585/"
+    assert local.allowed_hosts == {"127.0.0.1", "localhost", "::1"}
+    team = Settings(
+        host="0.0.0.0",
+        public_url="https://code.example.com",
+        proxy_domain="code.example.com",
+        public_host="box.example.com",
+    )
+    assert team.service_url == "https://code.example.com"
+    assert team.web_url("cs-abc") == "https://cs-abc.code.example.com/"
+    assert {"code.example.com", "box.example.com"} <= team.allowed_hosts
+    assert "0.0.0.0" not in team.allowed_hosts
+    with pytest.raises(ValueError, match="public_url"):
+        Settings(public_url="https://code.example.com/path?x")
+
+
+def test_codestation_s_own_directories_are_reserved(tmp_path: Path) -> None:
+    import sys
+
+    import codestation
+
+    s = Settings(data_dir=tmp_path / "d", cache_dir=tmp_path / "c", token_file=tmp_path / "t" / "x")
+    reserved = s.reserved_dirs
+    for own in (tmp_path / "d", tmp_path / "c", tmp_path / "t", Path(sys.prefix).resolve(),
+                Path(codestation.__file__).parent.resolve()):  # fmt: skip
+        assert own.resolve() in reserved

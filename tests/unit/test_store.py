@@ -107,3 +107,39 @@ def test_a_store_from_an_older_version_gains_new_columns(tmp_path: Path) -> None
         {},
         None,
     )
+
+
+def test_the_live_limit_per_owner_holds_under_concurrent_starts(tmp_path: Path) -> None:
+    import threading
+
+    from codestation.store import LimitReached
+
+    path = tmp_path / "codestation.db"
+    Store(path).close()
+    results: list[str] = []
+
+    def start(port: int) -> None:
+        store = Store(path)  # a connection each, as separate processes would have
+        try:
+            store.create(make_session(port, owner="alice"), max_live=3)
+            results.append("created")
+        except LimitReached:
+            results.append("refused")
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=start, args=(31000 + i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("created") == 3
+    store = Store(path)
+    assert len(store.list(live_only=True)) == 3
+    store.create(make_session(31100, owner="bob"), max_live=3)  # others are not counted
+
+
+def test_a_session_never_prints_its_password() -> None:
+    s = make(30000)
+    assert "secret" not in repr(s)
+    assert "secret" not in str(s)

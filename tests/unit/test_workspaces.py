@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from codestation.errors import WorkspaceRejected
-from codestation.workspaces import validate_workspace
+from codestation.workspaces import Workspace, check_owner, open_workspace
 
 
 @pytest.fixture
@@ -14,12 +14,18 @@ def root(tmp_path: Path) -> Path:
     return r
 
 
-def check(raw: str, root: Path) -> Path:
-    return validate_workspace(raw, [root.resolve()], root.parent / "data")
+def check(raw: str, root: Path, reserved: list[Path] | None = None) -> Path:
+    with open_workspace(raw, [root.resolve()], reserved or [root.parent / "data"]) as ws:
+        return ws.path
 
 
-def test_a_directory_inside_a_root_is_accepted(root: Path) -> None:
-    assert check(str(root / "project"), root) == (root / "project").resolve()
+def test_a_directory_inside_a_root_is_accepted_and_held_open(root: Path) -> None:
+    with open_workspace(str(root / "project"), [root], []) as ws:
+        assert ws.path == (root / "project").resolve()
+        held = os.fstat(ws.fd)
+        assert (held.st_dev, held.st_ino) == (ws.device, ws.inode)
+        assert ws.current_path == str(root / "project")
+    assert ws.fd == -1  # closed on leaving
 
 
 @pytest.mark.parametrize(
@@ -57,8 +63,41 @@ def test_a_symlink_within_the_root_is_accepted(root: Path) -> None:
     assert check(str(link), root) == (root / "project").resolve()
 
 
-def test_a_workspace_holding_the_data_directory_is_rejected(tmp_path: Path) -> None:
-    data = tmp_path / "home" / ".local" / "share" / "codestation"
-    data.mkdir(parents=True)
-    with pytest.raises(WorkspaceRejected, match="data directory"):
-        validate_workspace(str(tmp_path / "home"), [tmp_path.resolve()], data)
+@pytest.mark.parametrize("where", ["data", "data/logs", "cache/opencode"])
+def test_codestation_s_own_directories_and_what_holds_them_are_rejected(
+    tmp_path: Path, where: str
+) -> None:
+    own = [tmp_path / "home" / "data", tmp_path / "home" / "cache"]
+    for d in own:
+        (d / "logs").mkdir(parents=True)
+        (d / "opencode").mkdir()
+    for raw in (tmp_path / "home", tmp_path / "home" / where):
+        with pytest.raises(WorkspaceRejected, match="codestation's own directory"):
+            check(str(raw), tmp_path, own)
+
+
+def test_the_held_directory_survives_a_swap_for_a_symlink(root: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    project = root / "project"
+    with open_workspace(str(project), [root], []) as ws:
+        project.rename(root / "moved")
+        os.symlink(secret, project)
+        # What the sandbox will mount: the checked directory where it is now, not the link.
+        assert ws.current_path == str(root / "moved")
+        assert os.stat(ws.current_path).st_ino == ws.inode
+
+
+def make(uid: int) -> Workspace:
+    return Workspace(Path("/w"), -1, uid, uid, 1, 1)
+
+
+def test_owner_rule() -> None:
+    check_owner(make(4321), "alice", 4321, exempt=False)
+    with pytest.raises(WorkspaceRejected, match="belongs to uid 1000, not to you"):
+        check_owner(make(1000), "alice", 4321, exempt=False)
+    with pytest.raises(WorkspaceRejected, match="belongs to root"):
+        check_owner(make(0), "root", 0, exempt=False)  # never root, even root's own
+    with pytest.raises(WorkspaceRejected, match="no Unix account"):
+        check_owner(make(4321), "alice", None, exempt=False)
+    check_owner(make(0), "admin", None, exempt=True)

@@ -1,71 +1,249 @@
-"""Who may use the service: the one place authentication will slot in.
+"""Who is asking, decided once, before any handler runs: the service's own door.
 
-Until users and tokens exist, codestation answers only clients on this machine (loopback),
-whatever address it listens on: the API, the web UI, each session's proxied OpenCode and the
-terminal all pass through `LoopbackOnly`, the outermost layer of the app.
+Every request, on loopback too, passes `Access`, the outermost layer but one (`headers.py`):
+
+1. Host allowlist. The service answers only the names it is configured for (127.0.0.1,
+   localhost, [::1], its `public_url`'s and `public_host`) and `<session id>.<proxy_domain>`;
+   anything else is a 400 before any handler runs. That ends DNS rebinding: a page on a name
+   that resolves here still sends its own name.
+2. Authentication. `Authorization: Bearer <token>` (programs), or a login cookie (browsers):
+   the service's cookie on its own names, a session's own cookie on that session's name (host-
+   only, so one never travels to the other). The caller goes into the request's scope
+   (`caller(scope)`); handlers never look at credentials themselves. Only `/healthz`, the login
+   page and its two static files answer without credentials; a session host's ticket door too.
+3. Cross-site requests. A cookie rides along with any request the browser makes, whichever page
+   asked, so a state-changing request that authenticates by cookie must prove it comes from our
+   own page: on the service's names by the CSRF token (header `X-CSRF-Token`, from
+   `GET /api/v1/code/me`; JupyterHub's way), on a session's name (OpenCode's own UI, which we
+   cannot teach a header) by its Origin. Bearer requests need neither: browsers never add one.
+   Every WebSocket must come from a page of the very host it connects to (Origin == Host).
+
+Unauthenticated browsers asking for a page are sent to log in; everyone else gets 401.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import hmac
 import json
-from urllib.parse import urlsplit
+from http.cookies import SimpleCookie
+from urllib.parse import quote, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from codestation.accounts import Accounts
+from codestation.config import Settings
+from codestation.errors import (
+    CodestationError,
+    CsrfFailed,
+    Forbidden,
+    Unauthorized,
+    UnknownHost,
+)
+from codestation.identity import Caller
 
-def origin_allowed(scope: Scope, hosts: set[str], port: int) -> bool:
-    """Whether a browser's WebSocket comes from one of our own pages (`hosts` at `port`).
-
-    Browsers let any page open a WebSocket anywhere; Origin is how a server refuses pages of
-    other sites. Clients that are not browsers send none.
-    """
-    origin = Headers(scope=scope).get("origin")
-    if origin is None:
-        return True
-    parts = urlsplit(origin)
-    return parts.hostname in hosts and (parts.port or 80) == port
+SERVICE_COOKIE = "codestation"
+SESSION_COOKIE = "codestation_session"
+CSRF_HEADER = "x-csrf-token"
+TICKET_PATH = "/_codestation/auth"  # a session host's door: a ticket in, a cookie out
+PUBLIC = {"/healthz", "/login", "/static/style.css", "/static/login.js"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
 
-def service_hosts() -> set[str]:
-    """The names the service's own pages are served under."""
-    return {"localhost", "127.0.0.1", "::1"}
+def caller(scope: Scope) -> Caller | None:
+    """The authenticated caller of this request (None only on the public paths)."""
+    found: Caller | None = scope.get("codestation.caller")
+    return found
 
 
-def allowed(scope: Scope) -> bool:
-    client = scope.get("client")
-    if not client:
-        return True  # an in-process transport (tests), not the network
+def session_host(scope: Scope) -> str | None:
+    """The session id whose host name this request was sent to, if any."""
+    found: str | None = scope.get("codestation.session")
+    return found
+
+
+def secure(scope: Scope) -> bool:
+    """Whether the browser reached us over TLS (directly, or as the proxy in front says)."""
+    return scope.get("scheme") in ("https", "wss")
+
+
+def host_and_port(scope: Scope) -> tuple[str, int] | None:
+    """The Host header's name (lowercase) and port, or None if it has none or is malformed."""
+    raw = Headers(scope=scope).get("host")
+    if not raw:
+        return None
     try:
-        return ipaddress.ip_address(client[0]).is_loopback
+        parts = urlsplit(f"//{raw}")
+        port = parts.port or _DEFAULT_PORTS.get(scope.get("scheme", "http"), 80)
+    except ValueError:
+        return None
+    if not parts.hostname or parts.username is not None or parts.path:
+        return None
+    return parts.hostname.lower(), port
+
+
+def same_origin(scope: Scope, origin: str) -> bool:
+    """Whether `origin` names the very host and port this request was sent to."""
+    target = host_and_port(scope)
+    try:
+        parts = urlsplit(origin)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme, -1)
     except ValueError:
         return False
+    return target is not None and (parts.hostname or "").lower() == target[0] and port == target[1]
 
 
-class LoopbackOnly:
-    def __init__(self, app: ASGIApp) -> None:
+def cookies(scope: Scope) -> dict[str, str]:
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(Headers(scope=scope).get("cookie", ""))
+    except Exception:  # http.cookies raises CookieError on junk; junk is no credential
+        return {}
+    return {k: m.value for k, m in jar.items()}
+
+
+def login_cookie(name: str, value: str, max_age: int, *, https: bool) -> str:
+    """A Set-Cookie value: host-only (no Domain), HttpOnly, SameSite=Lax, Secure over TLS."""
+    flags = f"Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax" + ("; Secure" if https else "")
+    return f"{name}={value}; {flags}"
+
+
+def safe_next(raw: str | None, default: str = "/") -> str:
+    """A redirect target that stays on the same host: a path, never `//host` or a scheme."""
+    if not raw or not raw.startswith("/") or raw.startswith(("//", "/\\")):
+        return default
+    if any(c in raw for c in "\r\n\t\x00"):
+        return default
+    return raw
+
+
+class Access:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
+        self.settings = settings
+        self.hosts = settings.allowed_hosts
+        self.suffix = f".{settings.proxy_domain.lower()}"
+
+    def _session_of(self, host: str) -> str | None:
+        if host.endswith(self.suffix):
+            label = host.removesuffix(self.suffix)
+            if label and "." not in label:
+                return label
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or allowed(scope):
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
+        target = host_and_port(scope)
+        session_id = self._session_of(target[0]) if target else None
+        if target is None or (session_id is None and target[0] not in self.hosts):
+            shown = Headers(scope=scope).get("host", "")[:100]
+            await refuse(scope, send, UnknownHost(
+                f"codestation does not answer to the host name {shown!r}; use one it is "
+                f"configured for ({', '.join(sorted(self.hosts))}) or add it as public_host."
+            ))  # fmt: skip
             return
-        body = json.dumps(
-            {
-                "error": "codestation answers only clients on its own machine until accounts "
-                "exist; connect from there (an SSH tunnel works).",
-                "code": "forbidden",
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 403,
-                "headers": [(b"content-type", b"application/json")],
-            }
+        scope["codestation.session"] = session_id
+        try:
+            who = self._authenticate(scope, session_id)
+            self._check_cross_site(scope, who, session_id)
+        except CodestationError as exc:
+            await refuse(scope, send, exc)
+            return
+        if who is None and not self._public(scope, session_id):
+            await self._ask_to_log_in(scope, send, session_id)
+            return
+        scope["codestation.caller"] = who
+        await self.app(scope, receive, send)
+
+    def _authenticate(self, scope: Scope, session_id: str | None) -> Caller | None:
+        accounts: Accounts = scope["app"].state.accounts
+        authorization = Headers(scope=scope).get("authorization", "")
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            found = accounts.by_token(credential.strip())
+            if found is None:
+                raise Unauthorized(
+                    "the token is not valid: unknown, revoked or expired. An admin makes a new "
+                    "one with `codestation token create --user NAME`."
+                )
+            return found
+        jar = cookies(scope)
+        if session_id is None:
+            raw = jar.get(SERVICE_COOKIE)
+            return accounts.by_login(raw, "") if raw else None
+        raw = jar.get(SESSION_COOKIE)
+        return accounts.by_login(raw, session_id) if raw else None
+
+    def _check_cross_site(self, scope: Scope, who: Caller | None, session_id: str | None) -> None:
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if scope["type"] == "websocket":
+            if origin is not None and not same_origin(scope, origin):
+                raise Forbidden("a WebSocket from another site's page is refused.")
+            return
+        if who is None or who.login is None or scope["method"] in SAFE_METHODS:
+            return
+        if session_id is None:
+            sent = headers.get(CSRF_HEADER, "")
+            if not hmac.compare_digest(sent, who.login.csrf.get_secret_value()):
+                raise CsrfFailed(
+                    "this request authenticates by cookie, so it must carry the X-CSRF-Token "
+                    "header (GET /api/v1/code/me gives it); programs send a Bearer token instead."
+                )
+            return
+        fetch_site = headers.get("sec-fetch-site")
+        if (origin is not None and not same_origin(scope, origin)) or fetch_site in (
+            "cross-site",
+            "same-site",
+        ):
+            raise Forbidden("a change to this session from another site's page is refused.")
+
+    def _public(self, scope: Scope, session_id: str | None) -> bool:
+        if session_id is not None:
+            return bool(scope["type"] == "http" and scope["path"] == TICKET_PATH)
+        return bool(scope["type"] == "http" and scope["path"] in PUBLIC)
+
+    async def _ask_to_log_in(self, scope: Scope, send: Send, session_id: str | None) -> None:
+        headers = Headers(scope=scope)
+        wants_page = (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and "text/html" in headers.get("accept", "")
         )
-        await send({"type": "http.response.body", "body": body})
+        if not wants_page:
+            await refuse(scope, send, Unauthorized(
+                "this request carries no credentials; send `Authorization: Bearer <token>` (an "
+                "admin makes one with `codestation token create --user NAME`), or log in at "
+                f"{self.settings.service_url}/login."
+            ))  # fmt: skip
+            return
+        here = scope["path"] + (
+            f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
+        )
+        after = quote(safe_next(here), safe="")
+        if session_id is None:
+            location = f"/login?next={after}"
+        else:
+            location = f"{self.settings.service_url}/open/{session_id}?next={after}"
+        await send({
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [(b"location", location.encode()), (b"cache-control", b"no-store")],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def refuse(scope: Scope, send: Send, error: CodestationError) -> None:
+    """Answer with `error` as JSON, before any handler ran (a WebSocket is closed: 403)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = json.dumps({"error": str(error), "code": error.code}).encode()
+    headers = [(b"content-type", b"application/json")]
+    if isinstance(error, Unauthorized):
+        headers.append((b"www-authenticate", b'Bearer realm="codestation"'))
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -13,8 +13,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from codestation import __version__
-from codestation.api import web
-from codestation.api.access import LoopbackOnly
+from codestation.accounts import Accounts
+from codestation.api import login, web
+from codestation.api.access import Access
+from codestation.api.headers import Hardening
 from codestation.api.proxy import SessionProxy
 from codestation.api.routes import router
 from codestation.config import Settings
@@ -26,7 +28,11 @@ from codestation.terminals import Terminals
 
 log = logging.getLogger("codestation")
 
-EXAMPLE = 'send a JSON object such as {"workspace": "/home/me/project", "environment": "default"}'
+EXAMPLES = {
+    "/login": 'send a JSON object such as {"token": "cst_..."}',
+    "/api/v1/code/start": 'send a JSON object such as {"workspace": "/home/me/project", '
+    '"environment": "default"}',
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -42,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store.close()
             raise
         app.state.manager = manager
+        app.state.accounts = Accounts(store, settings)
         app.state.terminals = Terminals(settings.local_host)
         log.info("codestation %s: runtime %s, data in %s", __version__,
                  manager.default_runtime, settings.data_dir)  # fmt: skip
@@ -57,12 +64,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="OpenCode coding agents in sandboxes, one per workspace.",
         lifespan=lifespan,
+        docs_url=None,  # served by `web` from the installed swagger-ui-dist, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(login.router)
     web.mount(app)
-    app.add_middleware(SessionProxy, domain=settings.proxy_domain)
-    app.add_middleware(LoopbackOnly)  # added last: the outermost layer
+    # Added innermost first: a request meets Hardening, then Access, then the proxy.
+    app.add_middleware(SessionProxy)
+    app.add_middleware(Access, settings=settings)
+    app.add_middleware(Hardening, max_body_size=settings.max_body_size)
     app.add_exception_handler(CodestationError, _codestation_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -84,15 +96,16 @@ async def _codestation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors: list[dict[str, Any]] = list(exc.errors())
+    example = EXAMPLES.get(request.url.path, "send a JSON object; /docs shows its fields")
     if any(e.get("type") == "json_invalid" for e in errors):
-        return _error(400, f"the request body is not valid JSON; {EXAMPLE}", "malformed_json")
+        return _error(400, f"the request body is not valid JSON; {example}", "malformed_json")
     problems = []
     for e in errors:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "request body"
         problems.append(f"{where}: {e.get('msg', 'invalid')}")
     message = "invalid request: " + "; ".join(problems)
     if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
-        message += f"; {EXAMPLE}"
+        message += f"; {example}"
     return _error(422, message, "invalid_request")
 
 

@@ -5,6 +5,15 @@ Host is a session's name go to that session's OpenCode, with its credentials add
 so the person never sees a password prompt. Plain HTTP and server-sent events stream through
 unbuffered; WebSockets (OpenCode's `/pty/{id}/connect`) are bridged both ways. Every request
 and every frame from the browser counts as activity on the session.
+
+Only the session's owner (or an admin) gets through: `api/access.py` has authenticated the
+caller (a Bearer token, or this host's own login cookie) and this layer asks the manager for the
+session as that caller, so anyone else gets the 404 an unknown id gets. A browser gets this
+host's cookie at `/_codestation/auth` with a single-use ticket minted on the service's own
+origin (`GET /open/{id}`): the token never appears in this host's URLs. On the way up,
+codestation's own cookies and credentials are removed and the upstream URL is built from the
+path alone; on the way down, OpenCode's CORS headers are dropped, so no other site's page can
+read a session through codestation.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
+from urllib.parse import parse_qs
 
 import httpx
 from starlette.datastructures import Headers
@@ -21,56 +31,87 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from codestation.api.access import origin_allowed
+from codestation.accounts import Accounts
+from codestation.api.access import (
+    CSRF_HEADER,
+    SERVICE_COOKIE,
+    SESSION_COOKIE,
+    TICKET_PATH,
+    caller,
+    cookies,
+    login_cookie,
+    safe_next,
+    secure,
+    session_host,
+)
+from codestation.errors import SessionNotFound
 from codestation.manager import SessionManager
 from codestation.sessions import Session, Status
 
 # Hop-by-hop headers, and those the proxy sets itself.
 _DROP = {
     "host", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailers", "transfer-encoding", "upgrade", "authorization", "content-length",
+    "trailers", "transfer-encoding", "upgrade", "authorization", "content-length", "cookie",
+    CSRF_HEADER,
 }  # fmt: skip
+# OpenCode answers CORS for any localhost page; through codestation, no other origin may read.
+_DROP_DOWN = {"www-authenticate", "set-cookie"}
 
 
 class SessionProxy:
     """ASGI middleware: a session's host name goes to its OpenCode; anything else on to `app`."""
 
-    def __init__(self, app: ASGIApp, domain: str) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.suffix = f".{domain}"
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(30, read=None))
 
-    def _session_id(self, scope: Scope) -> str | None:
-        host = Headers(scope=scope).get("host", "").rsplit(":", 1)[0].lower()
-        if host.endswith(self.suffix) and host != self.suffix[1:]:
-            label = host.removesuffix(self.suffix)
-            return label if "." not in label else None
-        return None
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session_id = self._session_id(scope) if scope["type"] in ("http", "websocket") else None
+        session_id = session_host(scope) if scope["type"] in ("http", "websocket") else None
         if session_id is None:
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["path"] == TICKET_PATH:
+            await _redeem(scope, send, session_id)
+            return
         manager: SessionManager = scope["app"].state.manager  # set by the app's lifespan
-        session = manager.find(session_id)
-        if session is None or session.status is not Status.RUNNING:
+        who = caller(scope)
+        assert who is not None  # access.py lets no one else through but to the ticket door
+        try:
+            session = manager.get(who, session_id)
+        except SessionNotFound:
+            await _refuse(scope, send, session_id, None)
+            return
+        if session.status is not Status.RUNNING:
             await _refuse(scope, send, session_id, session)
             return
         manager.touch(session)
-        upstream = f"{manager.settings.local_host}:{session.port}"
+        if not scope["raw_path"].startswith(b"/"):
+            # A request target such as `@evil.example/x` or `//evil.example/x` must never become
+            # part of the upstream URL's authority.
+            await _plain(send, 400, "The request target must be a path beginning with /.")
+            return
+        upstream = (manager.settings.local_host, session.port)
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send, manager, session, upstream)
         else:
             await self._http_request(scope, receive, send, session, upstream)
 
     async def _http_request(
-        self, scope: Scope, receive: Receive, send: Send, session: Session, upstream: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        session: Session,
+        upstream: tuple[str, int],
     ) -> None:
         headers = _upstream_headers(scope, session)
-        url = f"http://{upstream}{scope['raw_path'].decode()}"
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode()
+        url = httpx.URL(
+            scheme="http",
+            host=upstream[0].strip("[]"),
+            port=upstream[1],
+            raw_path=scope["raw_path"]
+            + (b"?" + scope["query_string"] if scope.get("query_string") else b""),
+        )
         request = self._http.build_request(
             scope["method"], url, headers=headers, content=_body(receive)
         )
@@ -85,10 +126,7 @@ class SessionProxy:
                     "type": "http.response.start",
                     "status": response.status_code,
                     "headers": [
-                        (k, v)
-                        for k, v in response.headers.raw
-                        if k.decode().lower() not in _DROP - {"content-length"}
-                        and k.decode().lower() != "www-authenticate"
+                        (k, v) for k, v in response.headers.raw if _passes_down(k.decode())
                     ],
                 }
             )
@@ -108,19 +146,16 @@ class SessionProxy:
         send: Send,
         manager: SessionManager,
         session: Session,
-        upstream: str,
+        upstream: tuple[str, int],
     ) -> None:
-        port = int(Headers(scope=scope).get("host", "").rsplit(":", 1)[-1] or 80)
-        if not origin_allowed(scope, {f"{session.id}{self.suffix}"}, port):
-            await send({"type": "websocket.close", "code": 1008})  # another site's page
-            return
+        # access.py has refused a page of another origin already.
         browser = WebSocket(scope, receive, send)
         path = scope["raw_path"].decode()
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode()
         try:
             opencode = await connect(
-                f"ws://{upstream}{path}",
+                f"ws://{upstream[0]}:{upstream[1]}{path}",
                 additional_headers={"Authorization": _basic(session)},
                 max_size=None,
             )
@@ -158,13 +193,53 @@ class SessionProxy:
 
 
 def _basic(session: Session) -> str:
-    token = base64.b64encode(f"{session.username}:{session.password}".encode()).decode()
-    return f"Basic {token}"
+    pair = f"{session.username}:{session.password.get_secret_value()}"
+    return f"Basic {base64.b64encode(pair.encode()).decode()}"
 
 
 def _upstream_headers(scope: Scope, session: Session) -> list[tuple[str, str]]:
     headers = [(k, v) for k, v in Headers(scope=scope).items() if k.lower() not in _DROP]
+    theirs = [
+        f"{k}={v}" for k, v in cookies(scope).items() if k not in (SERVICE_COOKIE, SESSION_COOKIE)
+    ]
+    if theirs:
+        headers.append(("cookie", "; ".join(theirs)))
     return [*headers, ("authorization", _basic(session))]
+
+
+def _passes_down(name: str) -> bool:
+    lower = name.lower()
+    return lower not in (_DROP - {"content-length"}) | _DROP_DOWN and not lower.startswith(
+        "access-control-"
+    )
+
+
+async def _redeem(scope: Scope, send: Send, session_id: str) -> None:
+    """The ticket door: a ticket minted on the service's origin for this session becomes this
+    host's own login cookie, then the browser goes on to where it was headed."""
+    accounts: Accounts = scope["app"].state.accounts
+    query = parse_qs(scope["query_string"].decode(errors="replace"))
+    ticket = (query.get("ticket") or [""])[0]
+    who = accounts.redeem(ticket, session_id) if ticket else None
+    if who is None:
+        await _plain(
+            send,
+            403,
+            "This link has expired or was used already; open the session again from codestation.",
+        )
+        return
+    cookie, max_age = accounts.login(who, scope=session_id)
+    set_cookie = login_cookie(SESSION_COOKIE, cookie, max_age, https=secure(scope))
+    await send({
+        "type": "http.response.start",
+        "status": 303,
+        "headers": [
+            (b"location", safe_next((query.get("next") or ["/"])[0]).encode()),
+            (b"set-cookie", set_cookie.encode()),
+            (b"cache-control", b"no-store"),
+        ],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:

@@ -1,4 +1,8 @@
-"""`/api/v1/code/...`: validate, call the SessionManager, shape the answer. No logic here."""
+"""`/api/v1/code/...`: validate, call the SessionManager, shape the answer. No logic here.
+
+Every route takes the `Caller` that `api/access.py` resolved and hands it to the manager, which
+shows each user only their own sessions.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from websockets.exceptions import ConnectionClosed
 
 from codestation import __version__
-from codestation.api.access import origin_allowed, service_hosts
+from codestation.api.access import caller
+from codestation.errors import SessionNotFound, Unauthorized
+from codestation.identity import Caller
 from codestation.manager import SessionManager
 from codestation.schemas import (
     Auth,
@@ -21,6 +27,7 @@ from codestation.schemas import (
     EnvironmentList,
     ErrorBody,
     Health,
+    Me,
     SessionInfo,
     SessionList,
     StartRequest,
@@ -30,9 +37,13 @@ from codestation.schemas import (
 from codestation.sessions import Session, Status
 from codestation.terminals import MODES, Terminals
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 422, 503)
-}
+
+def errors(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI entries for error answers: always JSON, whatever the route's own answers are."""
+    return {c: {"model": ErrorBody, "content": {"application/json": {}}} for c in codes}
+
+
+ERRORS = errors(400, 401, 403, 404, 413, 422, 503)
 
 router = APIRouter()
 code = APIRouter(prefix="/api/v1/code", tags=["sessions"], responses=ERRORS)
@@ -43,7 +54,15 @@ def get_manager(request: Request) -> SessionManager:
     return manager
 
 
+def get_caller(request: Request) -> Caller:
+    who = caller(request.scope)
+    if who is None:  # only the public paths lack one, and none of them comes here
+        raise Unauthorized("this request carries no credentials; send a Bearer token.")
+    return who
+
+
 Manager = Annotated[SessionManager, Depends(get_manager)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 def info(manager: SessionManager, s: Session) -> SessionInfo:
@@ -66,21 +85,38 @@ def info(manager: SessionManager, s: Session) -> SessionInfo:
         max_age=s.max_age,
         last_activity=s.last_activity,
         limits=s.limits,
-        auth=Auth(username=s.username, password=s.password),
+        owner=s.owner,
+        auth=Auth(username=s.username, password=s.password.get_secret_value()),
     )
 
 
-@code.post("/start", status_code=202, response_model=StartResponse)
-async def start(body: StartRequest, manager: Manager) -> StartResponse:
+@code.post(
+    "/start",
+    status_code=202,
+    response_model=StartResponse,
+    responses=errors(429),
+)
+async def start(body: StartRequest, manager: Manager, who: CallerDep) -> StartResponse:
     """Start a session; it answers at once with `starting`, poll the session to see it run."""
     session = await manager.start(
-        body.workspace, body.environment, idle_timeout=body.idle_timeout, max_age=body.max_age
+        who, body.workspace, body.environment, idle_timeout=body.idle_timeout, max_age=body.max_age
     )
     return StartResponse(session_id=session.id, **info(manager, session).model_dump())
 
 
+@code.get("/me", response_model=Me)
+async def me(who: CallerDep) -> Me:
+    """Who you are; a browser logged in by cookie also gets the CSRF token its changes carry."""
+    return Me(
+        user=who.user,
+        admin=who.admin,
+        token_id=who.token_id,
+        csrf_token=who.login.csrf.get_secret_value() if who.login else None,
+    )
+
+
 @code.get("/environments", response_model=EnvironmentList)
-async def environments(manager: Manager) -> EnvironmentList:
+async def environments(manager: Manager, who: CallerDep) -> EnvironmentList:
     """The environment profiles a session can be started with."""
     return EnvironmentList(
         environments=[
@@ -95,13 +131,14 @@ async def environments(manager: Manager) -> EnvironmentList:
 
 
 @code.get("/sessions", response_model=SessionList)
-async def sessions(manager: Manager) -> SessionList:
-    return SessionList(sessions=[info(manager, s) for s in manager.sessions()])
+async def sessions(manager: Manager, who: CallerDep) -> SessionList:
+    """Your sessions (an admin's: everyone's), oldest first."""
+    return SessionList(sessions=[info(manager, s) for s in manager.sessions(who)])
 
 
 @code.get("/session/{session_id}", response_model=SessionInfo)
-async def session(session_id: str, manager: Manager) -> SessionInfo:
-    found = manager.get(session_id)
+async def session(session_id: str, manager: Manager, who: CallerDep) -> SessionInfo:
+    found = manager.get(who, session_id)
     manager.touch(found)
     return info(manager, found)
 
@@ -110,25 +147,27 @@ async def session(session_id: str, manager: Manager) -> SessionInfo:
 async def logs(
     session_id: str,
     manager: Manager,
+    who: CallerDep,
     tail: Annotated[int, Query(ge=1, le=10000, description="How many last lines.")] = 200,
     follow: Annotated[bool, Query(description="Keep streaming new output.")] = False,
 ) -> Response:
     """The agent's output (OpenCode's log); a stopped session keeps its last lines."""
-    manager.touch(manager.get(session_id))  # and a 404 before a stream begins
+    manager.touch(manager.get(who, session_id))  # and a 404 before a stream begins
     if follow:
-        return StreamingResponse(manager.follow(session_id, tail), media_type="text/plain")
-    return PlainTextResponse(await manager.logs(session_id, tail))
+        return StreamingResponse(manager.follow(who, session_id, tail), media_type="text/plain")
+    return PlainTextResponse(await manager.logs(who, session_id, tail))
 
 
 @code.get("/events", response_class=StreamingResponse)
-async def events(manager: Manager) -> StreamingResponse:
-    """Server-sent events: first `snapshot` (every session), then `session` (one changed, in
-    full) and `deleted` (`{"id": ...}`) as they happen; a comment every 15 s keeps it open."""
-    queue = manager.subscribe()
+async def events(manager: Manager, who: CallerDep) -> StreamingResponse:
+    """Server-sent events about your sessions (an admin's: everyone's): first `snapshot`,
+    then `session` (one changed, in full) and `deleted` (`{"id": ...}`) as they happen; a
+    comment every 15 s keeps it open."""
+    queue = manager.subscribe(who)
 
     async def stream() -> AsyncIterator[str]:
         try:
-            snapshot = SessionList(sessions=[info(manager, s) for s in manager.sessions()])
+            snapshot = SessionList(sessions=[info(manager, s) for s in manager.sessions(who)])
             yield _sse("snapshot", snapshot.model_dump_json())
             while True:
                 try:
@@ -136,10 +175,10 @@ async def events(manager: Manager) -> StreamingResponse:
                 except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
-                if isinstance(item, Session):
-                    yield _sse(kind, info(manager, item).model_dump_json())
+                if kind == "deleted":
+                    yield _sse(kind, json.dumps({"id": item.id}))
                 else:
-                    yield _sse(kind, json.dumps({"id": item}))
+                    yield _sse(kind, info(manager, item).model_dump_json())
         finally:
             manager.unsubscribe(queue)
 
@@ -159,13 +198,14 @@ async def terminal(websocket: WebSocket, session_id: str, mode: str = "agent") -
     """A terminal in the session's sandbox: `mode=agent` (OpenCode's TUI) or `mode=shell`.
     Send `{"data": ...}` to type and `{"rows": r, "cols": c}` to resize; output comes as bytes.
     Reattaching within five minutes replays recent output. Only codestation's own pages may
-    open it (Origin is checked)."""
+    open it (`api/access.py` checks its Origin)."""
     manager: SessionManager = websocket.app.state.manager
     terminals: Terminals = websocket.app.state.terminals
-    if not origin_allowed(websocket.scope, service_hosts(), manager.settings.port):
-        await websocket.close(code=1008, reason="foreign origin")
-        return
-    session = manager.find(session_id)
+    who = caller(websocket.scope)
+    try:
+        session = manager.get(who, session_id) if who is not None else None
+    except SessionNotFound:
+        session = None
     if session is None or session.status is not Status.RUNNING or mode not in MODES:
         await websocket.close(code=1008, reason="no such running session, or mode")
         return
@@ -186,22 +226,29 @@ async def terminal(websocket: WebSocket, session_id: str, mode: str = "agent") -
 
 
 @code.post("/session/{session_id}/stop", response_model=SessionInfo)
-async def stop(session_id: str, manager: Manager) -> SessionInfo:
+async def stop(session_id: str, manager: Manager, who: CallerDep) -> SessionInfo:
     """Stop the session and remove its sandbox; its workspace is left as it is."""
-    return info(manager, await manager.stop(session_id))
+    return info(manager, await manager.stop(who, session_id))
 
 
 @code.delete("/session/{session_id}", status_code=204)
-async def delete(session_id: str, manager: Manager) -> Response:
+async def delete(session_id: str, manager: Manager, who: CallerDep) -> Response:
     """Stop the session and forget it."""
-    await manager.delete(session_id)
+    await manager.delete(who, session_id)
     return Response(status_code=204)
 
 
 @code.post("/stop", response_model=StopAllResponse)
-async def stop_all(manager: Manager) -> StopAllResponse:
-    """Stop every live session."""
-    return StopAllResponse(stopped=[info(manager, s) for s in await manager.stop_all()])
+async def stop_all(
+    manager: Manager,
+    who: CallerDep,
+    all_: Annotated[
+        bool, Query(alias="all", description="An admin's: everyone's sessions, not just yours.")
+    ] = False,
+) -> StopAllResponse:
+    """Stop every live session of yours."""
+    stopped = await manager.stop_all(who, everyone=all_)
+    return StopAllResponse(stopped=[info(manager, s) for s in stopped])
 
 
 @router.get("/healthz", response_model=Health, tags=["service"])

@@ -1,7 +1,9 @@
-"""The web UI: the sessions page, each session's terminal page, and their static files.
+"""The web UI: the sessions page, each session's terminal page, the API's documentation, and
+their static files.
 
-The pages are plain HTML and ES modules in `codestation/web`; xterm.js comes from npm (the
-repository's package.json, installed by `scripts/setup.sh`) and is served from node_modules.
+The pages are plain HTML and ES modules in `codestation/web`; xterm.js and Swagger UI come from
+npm (the repository's package.json, installed by `scripts/setup.sh`) and are served from
+node_modules, on this origin: nothing is loaded from a CDN.
 """
 
 from __future__ import annotations
@@ -20,14 +22,25 @@ NODE_MODULES = Path(__file__).resolve().parents[3] / "node_modules"
 router = APIRouter(include_in_schema=False)
 
 
+def page(name: str) -> FileResponse:
+    """A page that only a logged-in browser may see: never from a cache, so one shown after
+    logging out goes back to the door."""
+    return FileResponse(PAGES / name, headers={"cache-control": "no-store"})
+
+
 @router.get("/")
 async def sessions_page() -> FileResponse:
-    return FileResponse(PAGES / "index.html")
+    return page("index.html")
 
 
 @router.get("/terminal/{session_id}")
 async def terminal_page(session_id: str) -> FileResponse:
-    return FileResponse(PAGES / "terminal.html")
+    return page("terminal.html")
+
+
+@router.get("/docs")
+async def docs_page() -> FileResponse:
+    return page("docs.html")
 
 
 def mount(app: FastAPI) -> None:

@@ -27,6 +27,13 @@ Rules for each method:
 - `start(spec)`: launch OpenCode so that it will answer on `spec.address:spec.port` with the
   credentials in `spec.env`, and return the state. Return once launched, not once ready: the
   manager probes readiness. If it raises, it must have left nothing behind.
+  `spec.workspace` is an open directory: mount *that* directory at /workspace, not whatever its
+  path names now (someone may have swapped the path for a symlink since it was checked): by
+  its descriptor where the engine can, else by `current_path` (which follows the directory
+  through renames). Run `agent.serve_command(...)` as given, inside the sandbox: it starts
+  OpenCode only if /workspace is that directory (device and inode), so a swap in the last
+  instant before the mount fails the start instead of moving it. The manager closes the
+  descriptor.
 - `poll(session_id, state)`: `None` while the agent runs; an `Exit` once it has ended or cannot
   be found. Before `start` returned, or for a session this runtime never saw, an `Exit`.
 - `stop(session_id, state, grace)`: end the agent (SIGTERM, then SIGKILL after `grace`
@@ -49,10 +56,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from codestation.config import EnvironmentProfile, Limits, Settings
+from codestation.workspaces import Workspace
 
 State = dict[str, Any]
 Report = Callable[[str], None]
@@ -61,7 +68,7 @@ Report = Callable[[str], None]
 @dataclass(frozen=True)
 class LaunchSpec:
     session_id: str
-    workspace: Path
+    workspace: Workspace
     address: str
     port: int
     env: dict[str, str]

@@ -128,7 +128,8 @@ class BwrapRuntime(Runtime):
             "--perms", "0755", "--dir", "/opt/opencode",
             "--perms", "0755", "--dir", "/opt/opencode/bin",
             "--ro-bind", str(binary), BINARY_INSIDE,
-            "--bind", str(spec.workspace), "/workspace",
+            # By its descriptor: the directory that was checked, whatever its path names now.
+            "--bind-fd", str(spec.workspace.fd), "/workspace",
             "--proc", "/proc",
             "--dev", "/dev",
             "--perms", "1777", "--tmpfs", "/tmp",
@@ -138,7 +139,7 @@ class BwrapRuntime(Runtime):
             "--json-status-fd", str(status_fd),
             "--remount-ro", "/",  # the sandbox's own root too: only /workspace and /tmp write
         ]  # fmt: skip
-        command = agent.serve_command(spec.address, spec.port, BINARY_INSIDE)
+        command = agent.serve_command(spec.address, spec.port, spec.workspace, BINARY_INSIDE)
         if os.geteuid() != 0:
             # Unprivileged: bwrap makes a user namespace; the agent is the service's own user.
             return [*argv, "--", *command]
@@ -181,7 +182,7 @@ class BwrapRuntime(Runtime):
                     stderr=subprocess.STDOUT,
                     env=env,
                     cwd="/",
-                    pass_fds=(status.fileno(),),
+                    pass_fds=(status.fileno(), spec.workspace.fd),
                     start_new_session=True,  # outlives the service; one group to signal
                 )
             except OSError as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import docker
 import docker.errors
 from docker.models.containers import Container
+from docker.types import Mount
 
 from codestation import agent
 from codestation.config import EnvironmentProfile, Limits, Settings
@@ -101,14 +102,17 @@ class DockerRuntime(Runtime):
         try:
             container: Container = self.client.containers.run(
                 self.image_for(spec.profile),
-                command=agent.serve_command("0.0.0.0", agent.CONTAINER_PORT),
+                command=agent.serve_command("0.0.0.0", agent.CONTAINER_PORT, spec.workspace),
                 name=name,
                 detach=True,
                 init=True,
                 user=f"{spec.uid}:{spec.gid}",
                 working_dir="/workspace",
                 environment={"HOME": "/tmp", **spec.env},
-                volumes={str(spec.workspace): {"bind": "/workspace", "mode": "rw"}},
+                # Where the checked directory is now (it follows a rename, never a symlink put
+                # in its place); the engine mounts by path, so the command's guard checks it
+                # got that directory. A Mount, unlike `volumes`, never creates a missing source.
+                mounts=[Mount("/workspace", spec.workspace.current_path, type="bind")],
                 ports={f"{agent.CONTAINER_PORT}/tcp": (spec.address, spec.port)},
                 labels={
                     LABEL_MANAGED: "true",

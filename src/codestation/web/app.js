@@ -3,6 +3,7 @@ const API = "/api/v1/code";
 const STEPS = ["queued", "preparing the sandbox", "launching OpenCode", "waiting for OpenCode", "running"];
 const sessions = new Map();
 let watching = null; // the session the Code dialog follows
+let me = null; // who is logged in, and the CSRF token every change must carry
 
 const $ = (id) => document.getElementById(id);
 
@@ -22,12 +23,14 @@ function age(iso) {
   return `${seconds}s`;
 }
 
-async function call(method, path, body) {
-  const response = await fetch(API + path, {
-    method,
-    headers: body ? { "Content-Type": "application/json" } : {},
-    body: body ? JSON.stringify(body) : undefined,
-  });
+async function call(method, path, body, base = API) {
+  const headers = body ? { "Content-Type": "application/json" } : {};
+  if (method !== "GET" && me?.csrf_token) headers["X-CSRF-Token"] = me.csrf_token;
+  const response = await fetch(base + path, { method, headers, body: body ? JSON.stringify(body) : undefined });
+  if (response.status === 401) {
+    location.assign(`/login?next=${encodeURIComponent(location.pathname)}`);
+    throw new Error("logged out");
+  }
   const data = response.status === 204 ? null : await response.json();
   if (!response.ok) throw new Error(data?.error ?? response.statusText);
   return data;
@@ -41,7 +44,8 @@ function row(s) {
   const actions = el("td", { className: "actions" });
   if (s.status === "running") {
     actions.append(
-      el("a", { className: "button", href: s.web_url, target: "_blank", rel: "noopener", textContent: "Open" }),
+      // Through the service's own origin, which hands the session's host name a one-time ticket.
+      el("a", { className: "button", href: `/open/${s.id}`, target: "_blank", rel: "noopener", textContent: "Open" }),
       el("a", { className: "button", href: `/terminal/${s.id}`, target: "_blank", textContent: "Terminal" }),
     );
   }
@@ -124,6 +128,7 @@ async function showLogs(id) {
   $("logs-text").textContent = "…";
   $("logs").showModal();
   const response = await fetch(`${API}/session/${id}/logs?tail=300`);
+  if (response.status === 401) return location.assign("/login");
   $("logs-text").textContent = (await response.text()) || "(nothing logged)";
 }
 
@@ -152,12 +157,20 @@ async function submitStart(event) {
   }
 }
 
+async function logout() {
+  await call("POST", "/logout", undefined, "");
+  location.assign("/login");
+}
+
 async function main() {
+  me = await call("GET", "/me");
   const [health, environments] = await Promise.all([
     fetch("/healthz").then((r) => r.json()),
     call("GET", "/environments"),
   ]);
   $("runtime").textContent = `sessions run in ${health.runtime}`;
+  $("who").textContent = me.admin ? `${me.user} (admin)` : me.user;
+  $("logout").onclick = logout;
   $("environment").replaceChildren(
     ...environments.environments.map((e) =>
       el("option", { value: e.name, textContent: e.description ? `${e.name} — ${e.description}` : e.name }),
