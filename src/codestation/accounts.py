@@ -4,13 +4,17 @@ Used by the service (every request passes `by_token` or `by_login`) and by the C
 and `user` commands, which open the same store directly, so they work whether the service runs
 or not; a token revoked there is refused by the service at its next request.
 
-Tickets carry a browser from the service's own origin to one session's host name: the
-service mints one for a logged-in caller, the session's host redeems it once, within a minute,
-for a login cookie of its own. The token never appears in that host's URLs (Coder's way).
+Tickets carry a browser from the service's own origin to one session's host name, OAuth's
+way: the session's host gives the browser a random *state* (in a cookie of its own) and sends
+it to the service's `/open`, which mints a ticket for the logged-in caller bound to that state;
+the session's host redeems it once, within a minute, only from the browser holding the state,
+for a login cookie of its own. The token never appears in that host's URLs, and a ticket
+someone else minted cannot log a browser into their session.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from datetime import timedelta
 
@@ -19,6 +23,7 @@ from pydantic import SecretStr
 from codestation.config import USER_NAME, Settings
 from codestation.errors import BadRequest
 from codestation.identity import (
+    CODE_PREFIX,
     TOKEN_PREFIX,
     Caller,
     Login,
@@ -35,6 +40,7 @@ from codestation.sessions import now
 from codestation.store import Store
 
 TICKET_SECONDS = 60.0
+CODE_MINUTES = 60.0  # a login link's life
 USED_EVERY = 60.0  # seconds between writes of a token's last use
 
 
@@ -42,7 +48,7 @@ class Accounts:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self._tickets: dict[str, tuple[Caller, str, float]] = {}
+        self._tickets: dict[str, tuple[Caller, str, str, float]] = {}
         self._used: dict[str, float] = {}
 
     # -- tokens and users (the CLI) ---------------------------------------------------------
@@ -100,6 +106,32 @@ class Accounts:
         self._note_use(token.id)
         return Caller(token.user, token.admin, token.id)
 
+    def login_code(self, token_id: str, minutes: float = CODE_MINUTES) -> SecretStr:
+        """A one-time login code for a token (the login link carries it, never the token)."""
+        if self.store.token(token_id) is None:
+            raise BadRequest(
+                f"there is no token {token_id!r}; `codestation token list` shows them."
+            )
+        code_id, secret = new_id(), new_secret()
+        raw = f"{CODE_PREFIX}{code_id}_{secret}"
+        self.store.add_login_code(
+            code_id, digest(raw), token_id, now() + timedelta(minutes=minutes)
+        )
+        return SecretStr(raw)
+
+    def by_code(self, raw: str) -> Caller | None:
+        """The caller a login code stands for, used up by asking; None if it is not valid."""
+        parts = split_token(raw, CODE_PREFIX)
+        if parts is None:
+            return None
+        found = self.store.take_login_code(parts[0])
+        if found is None or not matches(raw, found[0]) or now() >= found[2]:
+            return None
+        token = self.store.token(found[1])
+        if token is None or token.expired(now()):
+            return None
+        return Caller(token.user, token.admin, token.id)
+
     def by_login(self, raw: str, scope: str) -> Caller | None:
         """The caller a login cookie stands for on `scope` ("" the service, else a session)."""
         parts = split_login(raw)
@@ -148,18 +180,28 @@ class Accounts:
         if caller.login is not None:
             self.store.delete_login(caller.login.id)
 
-    def ticket(self, caller: Caller, session_id: str) -> str:
-        """A single-use ticket that logs `caller` in on `session_id`'s host within a minute."""
+    def ticket(self, caller: Caller, session_id: str, state: str) -> str:
+        """A single-use ticket that logs `caller` in on `session_id`'s host within a minute,
+        in the browser that holds `state`."""
         clock = time.monotonic()
-        self._tickets = {k: v for k, v in self._tickets.items() if v[2] > clock}
+        self._tickets = {k: v for k, v in self._tickets.items() if v[3] > clock}
         ticket = new_secret()
-        self._tickets[ticket] = (caller, session_id, clock + TICKET_SECONDS)
+        self._tickets[ticket] = (caller, session_id, state, clock + TICKET_SECONDS)
         return ticket
 
-    def redeem(self, ticket: str, session_id: str) -> Caller | None:
-        caller, for_session, until = self._tickets.pop(ticket, (None, "", 0.0))
+    def redeem(self, ticket: str, session_id: str, state: str) -> Caller | None:
+        """The caller a ticket was minted for, if it is for this session and this browser, is
+        fresh, and its token (and login) are still good; the ticket is used up either way."""
+        caller, for_session, bound, until = self._tickets.pop(ticket, (None, "", "", 0.0))
         if caller is None or for_session != session_id or time.monotonic() > until:
             return None
+        if not state or not hmac.compare_digest(state, bound):
+            return None
+        token = self.store.token(caller.token_id)
+        if token is None or token.expired(now()):
+            return None  # revoked or expired since the ticket was minted
+        if caller.login is not None and self.store.login(caller.login.id) is None:
+            return None  # logged out since
         return caller
 
     def _note_use(self, token_id: str) -> None:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import stat
 import sys
 from collections.abc import Iterator
@@ -185,7 +184,7 @@ def serve(
 def _first_admin(settings: Settings) -> None:
     """With no admin yet, make one and print a login link, once; the CLI on this machine finds
     the token in the token file (written only where none works already)."""
-    from codestation.accounts import Accounts
+    from codestation.accounts import CODE_MINUTES, Accounts
     from codestation.store import Store
 
     store = Store(settings.db_path)
@@ -195,6 +194,7 @@ def _first_admin(settings: Settings) -> None:
             return
         token, secret = accounts.create_token("admin", admin=True, note="made at first start")
         raw = secret.get_secret_value()
+        code = accounts.login_code(token.id).get_secret_value()
         path = settings.token_file
         current = path.read_text().strip() if path.is_file() else ""
         if not current or accounts.by_token(current) is None:
@@ -209,21 +209,24 @@ def _first_admin(settings: Settings) -> None:
     finally:
         store.close()
     err.print(
-        f"codestation: made the admin token {token.id}{saved}. Log in with this link (it holds "
-        "the token: keep it to yourself):"
+        f"codestation: made the admin token {token.id}{saved}. Log in with this one-time link "
+        f"(valid {CODE_MINUTES:g} minutes; `codestation token link {token.id}` makes another):"
     )
-    err.print(f"  {settings.service_url}/login?token={raw}", highlight=False, soft_wrap=True)
+    err.print(f"  {_link(settings, code)}", highlight=False, soft_wrap=True)
+
+
+def _link(settings: Settings, code: str) -> str:
+    return f"{settings.service_url}/login?token={code}"
 
 
 class _Redact(logging.Filter):
-    """Keep the login link's token and a session host's ticket out of the access log."""
-
-    pattern = re.compile(r"((?:token|ticket)=)[^&\s\"]+")
+    """Keep query strings (a login link's code, a session host's ticket, whatever a client
+    put there) out of the access log, however they are encoded."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                self.pattern.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                a.split("?", 1)[0] + "?[query hidden]" if isinstance(a, str) and "?" in a else a
                 for a in record.args
             )
         return True
@@ -395,6 +398,22 @@ def token_create(
         store.close()
     err.print(f"token {token.id} for {user}" + (" (admin)" if admin else ""))
     print(secret.get_secret_value())
+
+
+@token_app.command("link")
+def token_link(
+    token_id: str,
+    minutes: Annotated[float, typer.Option("--minutes", help="How long it works.")] = 60,
+) -> None:
+    """Print a one-time login link for a token's user (the link holds a code, not the token)."""
+    accounts, store = _accounts()
+    try:
+        code = accounts.login_code(token_id, minutes).get_secret_value()
+    except CodestationError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        store.close()
+    print(_link(Settings(), code))
 
 
 @token_app.command("list")

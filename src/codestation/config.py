@@ -248,7 +248,8 @@ class Settings(BaseSettings):
 
         dirs = [
             self.data_dir, self.cache_dir, DEFAULT_CONFIG_FILE.expanduser().parent,
-            self.token_file.parent, Path(sys.prefix), Path(codestation.__file__).parent,
+            self.token_file.parent, Path(sys.prefix), Path(sys.base_prefix),
+            Path(sys.exec_prefix), Path(codestation.__file__).parent,
         ]  # fmt: skip
         explicit = os.environ.get("CODESTATION_CONFIG")
         if explicit:

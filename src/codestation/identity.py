@@ -1,7 +1,9 @@
 """Who is asking: the records behind accounts, and the secrets that prove them.
 
 A *token* (`cst_<id>_<secret>`) is what a program sends (`Authorization: Bearer ...`); a
-*login* (`<id>.<secret>`, in a cookie) is what a browser holds after it showed a token once.
+*login* (`<id>.<secret>`, in a cookie) is what a browser holds after it showed a token once,
+pasted into the login page or as a *login code* (`csl_<id>_<secret>`): a one-time, short-lived
+stand-in for a token, the only kind of secret a URL (the login link) may carry.
 Both are at least 256 random bits, stored only as a SHA-256 digest (random secrets need no
 salt or rounds, as JupyterHub found) and compared in constant time; the id part finds the row.
 A login belongs to a token: revoking the token ends every login made with it.
@@ -22,6 +24,7 @@ from datetime import datetime
 from pydantic import SecretStr
 
 TOKEN_PREFIX = "cst_"
+CODE_PREFIX = "csl_"
 
 
 def new_id() -> str:
@@ -41,11 +44,11 @@ def matches(secret: str, stored_digest: str) -> bool:
     return hmac.compare_digest(digest(secret), stored_digest)
 
 
-def split_token(raw: str) -> tuple[str, str] | None:
-    """(id, secret) of a token as sent, or None if it is not shaped like one."""
-    if not raw.startswith(TOKEN_PREFIX):
+def split_token(raw: str, prefix: str = TOKEN_PREFIX) -> tuple[str, str] | None:
+    """(id, secret) of a token (or login code) as sent, or None if it is not shaped like one."""
+    if not raw.startswith(prefix):
         return None
-    token_id, sep, secret = raw.removeprefix(TOKEN_PREFIX).partition("_")
+    token_id, sep, secret = raw.removeprefix(prefix).partition("_")
     return (token_id, secret) if sep and token_id and secret else None
 
 

@@ -65,6 +65,10 @@ def _schema() -> list[str]:
         " token_id TEXT NOT NULL REFERENCES tokens(id) ON DELETE CASCADE,"
         " scope TEXT NOT NULL, csrf TEXT NOT NULL, created_at TEXT NOT NULL,"
         " expires_at TEXT NOT NULL, parent TEXT REFERENCES logins(id) ON DELETE CASCADE)",
+        "CREATE TABLE IF NOT EXISTS login_codes ("
+        " id TEXT PRIMARY KEY, digest TEXT NOT NULL,"
+        " token_id TEXT NOT NULL REFERENCES tokens(id) ON DELETE CASCADE,"
+        " expires_at TEXT NOT NULL)",
     ]
 
 
@@ -246,8 +250,26 @@ class Store:
         with self._transaction() as db:
             db.execute("DELETE FROM logins WHERE id = ?", (login_id,))
 
+    def add_login_code(self, code_id: str, digest: str, token_id: str, expires: datetime) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO login_codes (id, digest, token_id, expires_at) VALUES (?, ?, ?, ?)",
+                (code_id, digest, token_id, _encode(expires)),
+            )
+
+    def take_login_code(self, code_id: str) -> tuple[str, str, datetime] | None:
+        """A login code's digest, token and expiry, deleting it in the same transaction: a
+        code is used once, even by two requests at the same instant."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT digest, token_id, expires_at FROM login_codes WHERE id = ?", (code_id,)
+            ).fetchone()
+            db.execute("DELETE FROM login_codes WHERE id = ?", (code_id,))
+        return (row[0], row[1], datetime.fromisoformat(row[2])) if row else None
+
     def delete_expired_logins(self, at: datetime) -> int:
         with self._transaction() as db:
+            db.execute("DELETE FROM login_codes WHERE expires_at <= ?", (_encode(at),))
             return db.execute("DELETE FROM logins WHERE expires_at <= ?", (_encode(at),)).rowcount
 
 

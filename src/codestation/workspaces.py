@@ -55,6 +55,12 @@ def open_workspace(raw: str, allowed_roots: list[Path], reserved: list[Path]) ->
         raise WorkspaceRejected("workspace is empty; give the absolute path of a directory.")
     if "\x00" in raw:
         raise WorkspaceRejected("workspace contains a NUL byte; give a plain absolute path.")
+    try:
+        raw.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no file system name can hold it
+        raise WorkspaceRejected(
+            "workspace is not valid text; give a plain absolute path."
+        ) from None
     path = Path(raw)
     if not path.is_absolute():
         raise WorkspaceRejected(

@@ -100,6 +100,29 @@ class Service:
             timeout=300,
         )
 
+    def login_link(self, token: str | None = None) -> str:
+        """A one-time login link for `token` (the admin's): `codestation token link ID`."""
+        made = self.cli("token", "link", (token or self.token).split("_")[1])
+        assert made.returncode == 0, made.stderr
+        return made.stdout.strip()
+
+    def browser_login(self, http: httpx.Client, session_id: str) -> str:
+        """Walk a browser's way onto a session's host name with `http`, which holds a login
+        cookie for the service: the host's state cookie, the service's ticket, the host's door.
+        Returns the host's own login cookie."""
+        host = f"{session_id}.localhost:{self.port}"
+        page = {"Accept": "text/html", "Host": host}
+        to_service = http.get("/", headers=page, follow_redirects=False)
+        assert to_service.status_code == 303, to_service.text
+        state = to_service.cookies["codestation_state"]
+        back = http.get(to_service.headers["location"], follow_redirects=False)
+        assert back.status_code == 303, back.text
+        door = back.headers["location"].replace(f"http://{host}", self.url)
+        cookie = {"Cookie": f"codestation_state={state}"}
+        entered = httpx.get(door, headers={"Host": host, **cookie}, follow_redirects=False)
+        assert entered.status_code == 303, entered.text
+        return entered.cookies["codestation_session"]
+
     def make_token(self, user: str, *, admin: bool = False, expires: str | None = None) -> str:
         """A new token for `user`, made as an admin would: `codestation token create`."""
         args = ["token", "create", "--user", user, *(["--admin"] if admin else [])]

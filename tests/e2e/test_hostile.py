@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -60,13 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         login = browser.post("/login", json={"token": service.token})
         cookie = login.cookies["codestation"]
         csrf = browser.get("/api/v1/code/me").json()["csrf_token"]
-        opened = browser.get(f"/open/{session.id}", follow_redirects=False)
-        ticket_door = opened.headers["location"].replace(
-            f"http://{session.id}.localhost:{service.port}", service.url
-        )
-        door = httpx.get(ticket_door, headers={"Host": f"{session.id}.localhost:{service.port}"})
-        assert door.status_code == 303, door.text
-        session_cookie = door.cookies["codestation_session"]
+        session_cookie = service.browser_login(browser, session.id)
     time.sleep(2)  # the short token has expired
     yield World(service, session, expired, revoked, cookie, csrf, session_cookie)
     after = service.client.sessions()
@@ -213,6 +208,16 @@ CASES: dict[str, Case] = {
         cookie(lambda w: {"Origin": "https://evil.example"}),
     ),
     "cookie reads are fine": Case("GET", "/api/v1/code/sessions", 200, headers=cookie()),
+    # A cookie another site set in an odd shape, or a second one of our name, hides nothing.
+    "odd cookies beside ours": Case("GET", "/api/v1/code/me", 200, headers=lambda w: {
+        "Cookie": f'prefs={{"theme":"dark"}}; tz=Europe Paris; codestation={w.cookie}'}),
+    "a tossed cookie of our name": Case("GET", "/api/v1/code/me", 200, headers=lambda w: {
+        "Cookie": f"codestation={w.cookie}; codestation=abcdefgh.tossed"}),
+    "a workspace that is not text": Case(
+        "POST", "/api/v1/code/start", 400, "workspace_rejected",
+        lambda w: {"Content-Type": "application/json", **bearer(admin)(w)},
+        b'{"workspace": "/tmp/\\ud800"}', "not valid text",
+    ),
     "cookie and the token change things": Case(
         "POST",
         f"{S}/stop",
@@ -303,15 +308,37 @@ def test_hostile_request(world: World, name: str) -> None:
     assert world.service.token not in answer.text
 
 
-def test_a_login_link_goes_only_to_this_origin(world: World) -> None:
+def test_a_login_link_goes_only_to_this_origin_and_works_once(world: World) -> None:
     for target in ("//evil.example/x", "https://evil.example", "/\\evil.example", "javascript:x"):
-        answer = httpx.get(
-            f"{world.service.url}/login",
-            params={"token": world.service.token, "next": target},
-            follow_redirects=False,
-        )
+        link = world.service.login_link()
+        answer = httpx.get(f"{link}&next={quote(target, safe='')}", follow_redirects=False)
         assert answer.status_code == 303
         assert answer.headers["location"] == "/", target
+        assert "codestation=" in answer.headers["set-cookie"]
+        again = httpx.get(link, follow_redirects=False)  # used up
+        assert again.headers["location"].endswith("error=invalid")
+    # A token itself is never taken from a URL.
+    answer = httpx.get(
+        f"{world.service.url}/login", params={"token": world.service.token}, follow_redirects=False
+    )
+    assert answer.headers["location"].endswith("error=token_in_url")
+    assert "set-cookie" not in answer.headers
+
+
+def test_a_ticket_made_for_one_browser_logs_no_other_in(world: World) -> None:
+    """Login CSRF on a session's host name: bob makes a ticket (with his own browser's state)
+    and sends the victim to the door. Without bob's state cookie the door is shut."""
+    host = f"{world.session.id}.localhost:{world.port}"
+    with httpx.Client(base_url=world.service.url, cookies={"codestation": world.cookie}) as bob:
+        to_service = bob.get("/", headers={"Accept": "text/html", "Host": host})
+        assert to_service.status_code == 303
+        back = bob.get(to_service.headers["location"])
+        assert back.status_code == 303
+    door = back.headers["location"].replace(f"http://{host}", world.service.url)
+    for victim_cookies in ({}, {"Cookie": "codestation_state=the-victims-own"}):
+        answer = httpx.get(door, headers={"Host": host, **victim_cookies})
+        assert answer.status_code == 403, answer.text
+        assert "codestation_session" not in answer.headers.get("set-cookie", "")
 
 
 @pytest.mark.parametrize(
@@ -392,12 +419,12 @@ def test_the_table_is_big_enough() -> None:
     assert len(CASES) >= 60, len(CASES)
 
 
-def test_nothing_secret_in_the_log_but_the_first_login_link(world: World) -> None:
+def test_nothing_secret_in_the_log(world: World) -> None:
     log = Path(world.service.log).read_text()
-    link = f"{world.service.url}/login?token={world.service.token}"
-    assert log.count(link) == 1  # printed once, at the first start
-    assert "/login?token=[redacted]" in log  # the links the table followed, in the access log
-    rest = log.replace(link, "")
+    assert log.count("/login?token=csl_") == 1  # the one-time link the first start printed
+    assert "/login?[query hidden]" in log  # the links the table followed, in the access log
+    assert "/_codestation/auth?[query hidden]" in log
+    rest = log
     secrets = [world.service.token.split("_", 2)[2], world.cookie, world.session_cookie]
     secrets += [world.session.auth.password, world.csrf, world.expired, world.revoked]
     for secret in secrets:

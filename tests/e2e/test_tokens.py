@@ -21,8 +21,9 @@ pytestmark = pytest.mark.runtimes("bwrap")
 
 def test_the_first_start_makes_one_admin_and_prints_its_link_once(service: Service) -> None:
     log = service.log.read_text()
-    links = re.findall(r"http://127\.0\.0\.1:\d+/login\?token=(cst_\S+)", log)
-    assert links == [service.token]
+    links = re.findall(r"http://127\.0\.0\.1:\d+/login\?token=(csl_\S+)", log)
+    assert len(links) == 1  # a one-time code, not the token
+    assert service.token not in log
     token_file = Path(service.env["CODESTATION_TOKEN_FILE"])
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert token_file.read_text().strip() == service.token
@@ -137,7 +138,7 @@ def test_a_401_says_how_to_get_in(service: Service) -> None:
     assert f"{service.url}/login" in body["error"]
 
 
-def test_no_token_or_password_in_any_command_line(service: Service, workspace: Path) -> None:
+def test_no_token_or_password_in_command_lines_or_logs(service: Service, workspace: Path) -> None:
     session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
     secrets = [service.token, session.auth.password]
     for proc in Path("/proc").iterdir():
@@ -147,4 +148,12 @@ def test_no_token_or_password_in_any_command_line(service: Service, workspace: P
             continue
         assert not [s for s in secrets if s in argv], (proc.name, argv)
     assert os.getuid() == 0  # root: every process's command line was readable
+    # Nor in OpenCode's log as codestation shows it, nor in codestation's own.
+    shown = service.client.logs(session.id)
+    assert "opencode server listening" in shown
     service.client.stop(session.id)
+    shown += service.client.logs(session.id)
+    logged = service.log.read_text()
+    for secret in secrets:
+        assert secret not in shown
+        assert secret not in logged

@@ -59,7 +59,7 @@ def page(browser: Browser) -> Iterator[Page]:
 
 def login_link(service: Service) -> str:
     """The link `codestation serve` printed at its first start."""
-    found = re.search(r"(http://\S+/login\?token=cst_\S+)", service.log.read_text())
+    found = re.search(r"(http://\S+/login\?token=csl_\S+)", service.log.read_text())
     assert found, service.log.read_text()
     return found.group(1)
 

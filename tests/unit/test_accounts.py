@@ -114,19 +114,55 @@ def test_a_login_is_scoped_ends_with_its_token_and_its_parent(accounts: Accounts
     assert accounts.by_login(again, "") is None
 
 
-def test_tickets_are_single_use_per_session_and_short_lived(
+def test_tickets_are_single_use_per_session_per_browser_and_short_lived(
     accounts: Accounts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    who = Caller("alice", False, "t1")
-    ticket = accounts.ticket(who, "cs-abc")
-    assert accounts.redeem(ticket, "cs-other") is None  # and it is spent
-    ticket = accounts.ticket(who, "cs-abc")
-    assert accounts.redeem(ticket, "cs-abc") == who
-    assert accounts.redeem(ticket, "cs-abc") is None
-    late = accounts.ticket(who, "cs-abc")
+    token, _ = accounts.create_token("alice")
+    who = Caller("alice", False, token.id)
+    ticket = accounts.ticket(who, "cs-abc", "state-1")
+    assert accounts.redeem(ticket, "cs-other", "state-1") is None  # and it is spent
+    ticket = accounts.ticket(who, "cs-abc", "state-1")
+    assert accounts.redeem(ticket, "cs-abc", "another browser's") is None
+    ticket = accounts.ticket(who, "cs-abc", "state-1")
+    assert accounts.redeem(ticket, "cs-abc", "") is None
+    ticket = accounts.ticket(who, "cs-abc", "state-1")
+    assert accounts.redeem(ticket, "cs-abc", "state-1") == who
+    assert accounts.redeem(ticket, "cs-abc", "state-1") is None
+    late = accounts.ticket(who, "cs-abc", "s")
     clock = time.monotonic() + TICKET_SECONDS + 1
     monkeypatch.setattr("codestation.accounts.time.monotonic", lambda: clock)
-    assert accounts.redeem(late, "cs-abc") is None
+    assert accounts.redeem(late, "cs-abc", "s") is None
+
+
+def test_a_ticket_dies_with_its_token_or_its_login(accounts: Accounts) -> None:
+    token, secret = accounts.create_token("alice")
+    who = accounts.by_token(secret.get_secret_value())
+    assert who is not None
+    cookie, _ = accounts.login(who)
+    browser = accounts.by_login(cookie, "")
+    assert browser is not None
+    after_logout = accounts.ticket(browser, "cs-abc", "s")
+    accounts.logout(browser)
+    assert accounts.redeem(after_logout, "cs-abc", "s") is None
+    after_revoke = accounts.ticket(who, "cs-abc", "s")
+    accounts.revoke(token.id)
+    assert accounts.redeem(after_revoke, "cs-abc", "s") is None
+
+
+def test_a_login_code_is_used_once_and_expires(accounts: Accounts, store: Store) -> None:
+    token, _ = accounts.create_token("alice")
+    code = accounts.login_code(token.id).get_secret_value()
+    assert code.startswith("csl_")
+    assert accounts.by_token(code) is None  # not a token
+    assert accounts.by_code(code) == Caller("alice", False, token.id)
+    assert accounts.by_code(code) is None  # used up
+    stale = accounts.login_code(token.id, minutes=-1).get_secret_value()
+    assert accounts.by_code(stale) is None
+    revoked = accounts.login_code(token.id).get_secret_value()
+    accounts.revoke(token.id)
+    assert accounts.by_code(revoked) is None
+    with pytest.raises(BadRequest, match="no token"):
+        accounts.login_code("nope")
 
 
 def test_concurrent_token_creation_is_safe(accounts: Accounts) -> None:

@@ -36,6 +36,7 @@ def test_a_directory_inside_a_root_is_accepted_and_held_open(root: Path) -> None
         ("/definitely/not/here", "does not exist"),
         ("/etc", "outside the allowed roots"),
         ("/tmp/x\x00y", "NUL"),
+        ("/tmp/x\ud800", "not valid text"),
     ],
 )
 def test_bad_paths_are_rejected_with_the_reason(root: Path, raw: str, says: str) -> None:

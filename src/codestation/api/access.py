@@ -18,14 +18,15 @@ Every request, on loopback too, passes `Access`, the outermost layer but one (`h
    cannot teach a header) by its Origin. Bearer requests need neither: browsers never add one.
    Every WebSocket must come from a page of the very host it connects to (Origin == Host).
 
-Unauthenticated browsers asking for a page are sent to log in; everyone else gets 401.
+Unauthenticated browsers asking for a page are sent to log in (on a session's name: through
+the service's `/open`, with a fresh state cookie that binds the ticket they come back with to
+this browser; see `accounts.py`); everyone else gets 401.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from http.cookies import SimpleCookie
 from urllib.parse import quote, urlsplit
 
 from starlette.datastructures import Headers
@@ -40,10 +41,12 @@ from codestation.errors import (
     Unauthorized,
     UnknownHost,
 )
-from codestation.identity import Caller
+from codestation.identity import Caller, new_secret
 
 SERVICE_COOKIE = "codestation"
 SESSION_COOKIE = "codestation_session"
+STATE_COOKIE = "codestation_state"  # a session host's half of the ticket handshake
+OURS = (SERVICE_COOKIE, SESSION_COOKIE, STATE_COOKIE)
 CSRF_HEADER = "x-csrf-token"
 TICKET_PATH = "/_codestation/auth"  # a session host's door: a ticket in, a cookie out
 PUBLIC = {"/healthz", "/login", "/static/style.css", "/static/login.js"}
@@ -94,13 +97,21 @@ def same_origin(scope: Scope, origin: str) -> bool:
     return target is not None and (parts.hostname or "").lower() == target[0] and port == target[1]
 
 
-def cookies(scope: Scope) -> dict[str, str]:
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(Headers(scope=scope).get("cookie", ""))
-    except Exception:  # http.cookies raises CookieError on junk; junk is no credential
-        return {}
-    return {k: m.value for k, m in jar.items()}
+def cookie_pairs(scope: Scope) -> list[tuple[str, str]]:
+    """Every `name=value` the browser sent, in order, as browsers write them: leniently, so a
+    cookie another site set in a shape a strict parser rejects cannot hide ours."""
+    pairs = []
+    for header in Headers(scope=scope).getlist("cookie"):
+        for chunk in header.split(";"):
+            name, sep, value = chunk.strip().partition("=")
+            if sep and name:
+                pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def cookie_values(scope: Scope, name: str) -> list[str]:
+    """Every value sent under `name` (a page on a sibling host can add a second one)."""
+    return [v for k, v in cookie_pairs(scope) if k == name][:8]
 
 
 def login_cookie(name: str, value: str, max_age: int, *, https: bool) -> str:
@@ -170,12 +181,14 @@ class Access:
                     "one with `codestation token create --user NAME`."
                 )
             return found
-        jar = cookies(scope)
-        if session_id is None:
-            raw = jar.get(SERVICE_COOKIE)
-            return accounts.by_login(raw, "") if raw else None
-        raw = jar.get(SESSION_COOKIE)
-        return accounts.by_login(raw, session_id) if raw else None
+        name, scope_of = (
+            (SERVICE_COOKIE, "") if session_id is None else (SESSION_COOKIE, session_id)
+        )
+        for raw in cookie_values(scope, name):
+            found = accounts.by_login(raw, scope_of)
+            if found is not None:
+                return found
+        return None
 
     def _check_cross_site(self, scope: Scope, who: Caller | None, session_id: str | None) -> None:
         headers = Headers(scope=scope)
@@ -224,15 +237,16 @@ class Access:
             f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
         )
         after = quote(safe_next(here), safe="")
+        answer = [(b"cache-control", b"no-store")]
         if session_id is None:
             location = f"/login?next={after}"
         else:
-            location = f"{self.settings.service_url}/open/{session_id}?next={after}"
-        await send({
-            "type": "http.response.start",
-            "status": 303,
-            "headers": [(b"location", location.encode()), (b"cache-control", b"no-store")],
-        })  # fmt: skip
+            state = new_secret()
+            cookie = login_cookie(STATE_COOKIE, state, 300, https=secure(scope))
+            answer.append((b"set-cookie", cookie.encode()))
+            location = f"{self.settings.service_url}/open/{session_id}?next={after}&state={state}"
+        answer.append((b"location", location.encode()))
+        await send({"type": "http.response.start", "status": 303, "headers": answer})
         await send({"type": "http.response.body", "body": b""})
 
 

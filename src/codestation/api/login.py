@@ -1,11 +1,12 @@
 """Browsers in and out: the login page, the login link, logout, and the way to a session's host.
 
-A browser shows a token once (pasted into the login page, or in the link `codestation serve`
-prints at its first start) and gets a login cookie for the service's own origin in return; the
-token never stays in the address bar. A login by link is refused when another site sent the
-browser there (`Sec-Fetch-Site`): that would log the person in as someone else (login CSRF).
-`GET /open/{id}` takes a logged-in browser to a session's own host name with a single-use
-ticket, which that host turns into its own cookie (`api/proxy.py`).
+A browser shows a token once, pasted into the login page, and gets a login cookie for the
+service's own origin in return. A login link (`codestation serve` prints one at its first
+start, `codestation token link` makes more) carries a one-time login code instead, never a
+token: a URL ends up in history and logs. A login by link is refused when another site sent
+the browser there (`Sec-Fetch-Site`): that would log the person in as someone else (login
+CSRF). `GET /open/{id}` takes a logged-in browser to a session's own host name with a
+single-use ticket, which that host turns into its own cookie (`api/proxy.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from codestation.accounts import Accounts
 from codestation.api.access import (
     SERVICE_COOKIE,
+    TICKET_PATH,
     login_cookie,
     safe_next,
     same_origin,
@@ -27,6 +29,7 @@ from codestation.api.access import (
 from codestation.api.routes import CallerDep, Manager, errors
 from codestation.api.web import page
 from codestation.errors import Forbidden, Unauthorized
+from codestation.identity import TOKEN_PREFIX
 from codestation.schemas import LoginRequest, LoginResponse
 
 router = APIRouter(tags=["login"], responses=errors(400, 401, 403, 413, 422))
@@ -56,13 +59,15 @@ async def login_page(
     token: Annotated[str | None, Query(max_length=200)] = None,
     next: Annotated[str, Query(max_length=2000)] = "/",
 ) -> Response:
-    """The login page; with `?token=`, the login link: log in and go on without the token."""
+    """The login page; with `?token=<login code>`, the login link: log in and go on."""
     if token is None:
         return page("login.html")
     back = {"next": safe_next(next)}
     if request.headers.get("sec-fetch-site") not in _OUR_NAVIGATIONS:
         return RedirectResponse(f"/login?{urlencode({**back, 'error': 'cross_site'})}", 303)
-    who = _accounts(request).by_token(token)
+    if token.startswith(TOKEN_PREFIX):
+        return RedirectResponse(f"/login?{urlencode({**back, 'error': 'token_in_url'})}", 303)
+    who = _accounts(request).by_code(token)
     if who is None:
         return RedirectResponse(f"/login?{urlencode({**back, 'error': 'invalid'})}", 303)
     cookie, max_age = _accounts(request).login(who)
@@ -113,12 +118,18 @@ async def open_session(
     manager: Manager,
     who: CallerDep,
     next: Annotated[str, Query(max_length=2000)] = "/",
+    state: Annotated[str, Query(max_length=100)] = "",
 ) -> RedirectResponse:
-    """To the session's own host name, with a ticket that logs this browser in there."""
+    """To the session's own host name. Sent here by that host with a `state` (see
+    `api/access.py`), go back with a ticket bound to it that logs this browser in there."""
     session = manager.get(who, session_id)
-    ticket = _accounts(request).ticket(who, session.id)
     target = manager.web_url(session).rstrip("/")
-    query = f"ticket={quote(ticket, safe='')}&next={quote(safe_next(next), safe='')}"
+    after = quote(safe_next(next), safe="")
+    if not state:  # the host starts the handshake itself, from its own cookie
+        return RedirectResponse(f"{target}{safe_next(next)}", 303)
+    ticket = quote(_accounts(request).ticket(who, session.id, state), safe="")
     return RedirectResponse(
-        f"{target}/_codestation/auth?{query}", 303, headers={"cache-control": "no-store"}
+        f"{target}{TICKET_PATH}?ticket={ticket}&next={after}",
+        303,
+        headers={"cache-control": "no-store"},
     )

@@ -34,17 +34,19 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from codestation.accounts import Accounts
 from codestation.api.access import (
     CSRF_HEADER,
-    SERVICE_COOKIE,
+    OURS,
     SESSION_COOKIE,
+    STATE_COOKIE,
     TICKET_PATH,
     caller,
-    cookies,
+    cookie_pairs,
+    cookie_values,
     login_cookie,
     safe_next,
     secure,
     session_host,
 )
-from codestation.errors import SessionNotFound
+from codestation.errors import CodestationError, SessionNotFound
 from codestation.manager import SessionManager
 from codestation.sessions import Session, Status
 
@@ -199,9 +201,7 @@ def _basic(session: Session) -> str:
 
 def _upstream_headers(scope: Scope, session: Session) -> list[tuple[str, str]]:
     headers = [(k, v) for k, v in Headers(scope=scope).items() if k.lower() not in _DROP]
-    theirs = [
-        f"{k}={v}" for k, v in cookies(scope).items() if k not in (SERVICE_COOKIE, SESSION_COOKIE)
-    ]
+    theirs = [f"{k}={v}" for k, v in cookie_pairs(scope) if k not in OURS]
     if theirs:
         headers.append(("cookie", "; ".join(theirs)))
     return [*headers, ("authorization", _basic(session))]
@@ -215,27 +215,34 @@ def _passes_down(name: str) -> bool:
 
 
 async def _redeem(scope: Scope, send: Send, session_id: str) -> None:
-    """The ticket door: a ticket minted on the service's origin for this session becomes this
-    host's own login cookie, then the browser goes on to where it was headed."""
+    """The ticket door: a ticket minted on the service's origin for this session, brought by
+    the browser that holds the state it was minted for, becomes this host's own login cookie;
+    then the browser goes on to where it was headed."""
     accounts: Accounts = scope["app"].state.accounts
     query = parse_qs(scope["query_string"].decode(errors="replace"))
     ticket = (query.get("ticket") or [""])[0]
-    who = accounts.redeem(ticket, session_id) if ticket else None
+    states = cookie_values(scope, STATE_COOKIE)
+    who = accounts.redeem(ticket, session_id, states[-1] if states else "") if ticket else None
+    try:
+        cookie, max_age = accounts.login(who, scope=session_id) if who else ("", 0)
+    except CodestationError:  # its token went away between the two calls
+        who = None
     if who is None:
         await _plain(
             send,
             403,
-            "This link has expired or was used already; open the session again from codestation.",
+            "This link has expired, was used already, or was made for another browser; open the "
+            "session again from codestation.",
         )
         return
-    cookie, max_age = accounts.login(who, scope=session_id)
-    set_cookie = login_cookie(SESSION_COOKIE, cookie, max_age, https=secure(scope))
+    https = secure(scope)
     await send({
         "type": "http.response.start",
         "status": 303,
         "headers": [
             (b"location", safe_next((query.get("next") or ["/"])[0]).encode()),
-            (b"set-cookie", set_cookie.encode()),
+            (b"set-cookie", login_cookie(SESSION_COOKIE, cookie, max_age, https=https).encode()),
+            (b"set-cookie", login_cookie(STATE_COOKIE, "", 0, https=https).encode()),
             (b"cache-control", b"no-store"),
         ],
     })  # fmt: skip

@@ -44,8 +44,8 @@ function row(s) {
   const actions = el("td", { className: "actions" });
   if (s.status === "running") {
     actions.append(
-      // Through the service's own origin, which hands the session's host name a one-time ticket.
-      el("a", { className: "button", href: `/open/${s.id}`, target: "_blank", rel: "noopener", textContent: "Open" }),
+      // The session's own host name: it fetches its login from this origin by itself.
+      el("a", { className: "button", href: s.web_url, target: "_blank", rel: "noopener", textContent: "Open" }),
       el("a", { className: "button", href: `/terminal/${s.id}`, target: "_blank", textContent: "Terminal" }),
     );
   }

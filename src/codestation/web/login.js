@@ -1,7 +1,8 @@
 // The login page: a token in, a login cookie out (set by the service), then on to where we were headed.
 const params = new URLSearchParams(location.search);
 const errors = {
-  invalid: "That token is not valid: unknown, revoked or expired.",
+  invalid: "That token or link is not valid: unknown, used already, revoked or expired.",
+  token_in_url: "A token does not go in a link (links stay in history and logs): paste it here, or make a one-time link with `codestation token link ID`.",
   cross_site: "That login link came from another site, so it was not used. Paste the token instead.",
 };
 const shown = document.getElementById("login-error");
