@@ -18,8 +18,11 @@ unit:
 e2e:
 	.venv/bin/pytest tests/e2e
 
+# Test files run three at a time (they wait on sandboxes far more than they compute), then the
+# few that change what the others share run alone.
 test: setup lint
-	.venv/bin/pytest
+	.venv/bin/pytest -n 3 --dist loadfile -m "not serial"
+	.venv/bin/pytest -m serial
 
 bench: setup
 	.venv/bin/python benchmarks/cold_start.py

@@ -347,7 +347,9 @@ def config() -> None:
     """Print the effective configuration (secrets masked) and where it came from."""
     settings = Settings()
     source = config_file_path()
-    err.print(f"config file: {source or 'none'}; CODESTATION_* variables override it")
+    err.print(
+        f"config file: {source or 'none'}; CODESTATION_* variables override it", soft_wrap=True
+    )
     out.print_json(json.dumps(masked(settings.model_dump(mode="json"))))
 
 

@@ -244,12 +244,10 @@ class Settings(BaseSettings):
     @property
     def reserved_dirs(self) -> list[Path]:
         """codestation's own directories: no workspace may hold one or lie inside one."""
-        import codestation
-
         dirs = [
             self.data_dir, self.cache_dir, DEFAULT_CONFIG_FILE.expanduser().parent,
             self.token_file.parent, Path(sys.prefix), Path(sys.base_prefix),
-            Path(sys.exec_prefix), Path(codestation.__file__).parent,
+            Path(sys.exec_prefix), Path(__file__).parent,  # the codestation package
         ]  # fmt: skip
         explicit = os.environ.get("CODESTATION_CONFIG")
         if explicit:

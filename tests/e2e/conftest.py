@@ -50,7 +50,10 @@ def free_port() -> int:
         return port
 
 
-_next_block = [31000]
+# Each pytest-xdist worker takes ranges from a block of its own, so parallel workers never
+# probe and lease the same ports.
+_worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_next_block = [31000 + 2000 * _worker]
 
 
 def free_range(size: int) -> tuple[int, int]:
@@ -136,13 +139,11 @@ class Service:
         for proc in Path("/proc").iterdir():
             try:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
+                # A sandbox's output goes to its log under this service's data directory.
+                output = os.readlink(proc / "fd" / "1")
             except OSError:
                 continue
-            if (
-                argv
-                and argv[0].endswith(b"bwrap")
-                and str(self.data_dir.parent).encode() in b" ".join(argv)
-            ):
+            if argv[0].endswith(b"bwrap") and output.startswith(str(self.data_dir)):
                 found.append(f"bwrap process {proc.name}")
         return found
 

@@ -22,6 +22,8 @@ from codestation.ports import port_is_free
 from codestation.runtimes.docker import LABEL_DATA_DIR, LABEL_MANAGED, LABEL_SESSION
 from tests.e2e.conftest import Service, ServiceFactory
 
+pytestmark = pytest.mark.serial  # it stops and restarts the Docker engine every other test uses
+
 
 def healthy(session: SessionInfo) -> bool:
     auth = (session.auth.username, session.auth.password)

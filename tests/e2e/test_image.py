@@ -12,6 +12,8 @@ from codestation import SessionInfo, Settings, Status
 from codestation.image import image_tag
 from tests.e2e.conftest import ServiceFactory
 
+pytestmark = pytest.mark.serial  # it removes and rebuilds the sandbox image every other test uses
+
 
 def run(container: Container, script: str) -> str:
     output = container.exec_run(["sh", "-c", script]).output

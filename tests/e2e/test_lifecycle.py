@@ -136,7 +136,9 @@ def test_a_session_that_died_while_the_service_was_down_is_marked_failed(
     assert session.status is Status.RUNNING, session.error
     service.stop_process()
     os.kill(agent_pid(session), signal.SIGKILL)
-    time.sleep(1)  # let the sandbox notice its agent is gone and end
+    deadline = time.monotonic() + 30  # let the sandbox notice its agent is gone and end
+    while service.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
     service.restart()
     lost = service.client.session(session.id)
     assert lost.status is Status.FAILED

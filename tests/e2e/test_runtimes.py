@@ -42,7 +42,8 @@ def test_an_environment_can_name_its_runtime(
     sandboxed = service.client.start(str(workspace), environment="sandboxed")
     assert (default.runtime, sandboxed.runtime) == ("docker", "bwrap")
     for session_id in (default.id, sandboxed.id):
-        assert service.client.wait(session_id, timeout=120).status is Status.RUNNING
+        session = service.client.wait(session_id, timeout=120)
+        assert session.status is Status.RUNNING, session.error
     service.client.stop_all()
 
 

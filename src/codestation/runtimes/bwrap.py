@@ -53,6 +53,23 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _group_runs(pgid: int) -> bool:
+    """Whether any process of group `pgid` still runs. Zombies do not count: where nothing
+    reaps the sandbox (its parent, the service, is gone, and pid 1 here may not reap), an ended
+    sandbox can linger as zombies that `killpg(pgid, 0)` still finds."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         with path.open("r", errors="replace") as f:
@@ -217,15 +234,13 @@ class BwrapRuntime(Runtime):
         if child is not None:
             child.poll()  # reap it, so a dead bwrap does not linger as a zombie in the group
         started = _start_time(pid)
-        if started is not None and started != state.get("start_time"):
-            return False
+        if started is not None:  # the leader runs (bwrap): the sandbox does, if it is ours
+            return bool(started == state.get("start_time"))
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return False
-        except PermissionError:  # members that are not ours to signal still exist
-            return True
-        return True
+        return _group_runs(pid)  # bwrap is gone or a zombie: does anything else still run?
 
     async def poll(self, session_id: str, state: State) -> Exit | None:
         state = self._state(session_id, state)
