@@ -51,9 +51,10 @@ def free_port() -> int:
 
 
 # Each pytest-xdist worker takes ranges from a block of its own, so parallel workers never
-# probe and lease the same ports.
+# probe and lease the same ports; all below the kernel's ephemeral range (32768 and up), where
+# any outgoing connection may hold a port for a while.
 _worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_next_block = [31000 + 2000 * _worker]
+_next_block = [20000 + 3000 * _worker]
 
 
 def free_range(size: int) -> tuple[int, int]:
