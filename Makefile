@@ -18,10 +18,11 @@ unit:
 e2e:
 	.venv/bin/pytest tests/e2e
 
-# Test files run three at a time (they wait on sandboxes far more than they compute), then the
-# few that change what the others share run alone.
+# Test files run two at a time (they wait on sandboxes more than they compute; more than two
+# starve OpenCode's start-up on a 2-core machine), then the few that change what the others
+# share, or load the machine, run alone.
 test: setup lint
-	.venv/bin/pytest -n 3 --dist loadfile -m "not serial"
+	.venv/bin/pytest -n 2 --dist loadfile -m "not serial"
 	.venv/bin/pytest -m serial
 
 bench: setup

@@ -6,6 +6,8 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from codestation import Status
 from codestation.ports import port_is_free
 from tests.e2e.conftest import ServiceFactory
@@ -44,6 +46,7 @@ def test_an_exhausted_range_answers_503(start_service: ServiceFactory, tmp_path:
     service.client.stop(second.id)
 
 
+@pytest.mark.serial  # twenty agents at once load the machine for every other test
 def test_twenty_concurrent_starts(start_service: ServiceFactory, tmp_path: Path) -> None:
     service = start_service(size=25, start_timeout="180", max_sessions_per_user="20")
     workspaces = []
