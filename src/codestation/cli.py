@@ -27,7 +27,6 @@ from codestation.sessions import Status
 
 if TYPE_CHECKING:
     from codestation.accounts import Accounts
-    from codestation.store import Store
 
 app = typer.Typer(
     help="OpenCode coding agents in sandboxes, one per workspace.", no_args_is_help=True
@@ -391,13 +390,8 @@ def token_create(
     note: Annotated[str, typer.Option("--note", help="What it is for.")] = "",
 ) -> None:
     """Make a token and print it, alone, on stdout (it is shown this once)."""
-    accounts, store = _accounts()
-    try:
+    with _accounts() as accounts:
         token, secret = accounts.create_token(user, admin=admin, expires_days=expires, note=note)
-    except CodestationError as exc:
-        raise _fail(str(exc)) from None
-    finally:
-        store.close()
     err.print(f"token {token.id} for {user}" + (" (admin)" if admin else ""))
     print(secret.get_secret_value())
 
@@ -408,24 +402,16 @@ def token_link(
     minutes: Annotated[float, typer.Option("--minutes", help="How long it works.")] = 60,
 ) -> None:
     """Print a one-time login link for a token's user (the link holds a code, not the token)."""
-    accounts, store = _accounts()
-    try:
+    with _accounts() as accounts:
         code = accounts.login_code(token_id, minutes).get_secret_value()
-    except CodestationError as exc:
-        raise _fail(str(exc)) from None
-    finally:
-        store.close()
     print(_link(Settings(), code))
 
 
 @token_app.command("list")
 def token_list(as_json: JsonOption = False) -> None:
     """Every token: id, user, admin, created, expires, last used (never the secret)."""
-    accounts, store = _accounts()
-    try:
+    with _accounts() as accounts:
         tokens = accounts.tokens()
-    finally:
-        store.close()
     rows = [
         {
             "id": t.id, "user": t.user, "admin": t.admin, "created_at": t.created_at.isoformat(),
@@ -451,11 +437,8 @@ def token_list(as_json: JsonOption = False) -> None:
 @token_app.command("revoke")
 def token_revoke(token_id: str) -> None:
     """Revoke a token: it, and every browser login made with it, stop working at once."""
-    accounts, store = _accounts()
-    try:
+    with _accounts() as accounts:
         found = accounts.revoke(token_id)
-    finally:
-        store.close()
     if not found:
         raise _fail(f"there is no token {token_id!r}; `codestation token list` shows them.")
     out.print(f"{token_id} revoked")
@@ -464,12 +447,9 @@ def token_revoke(token_id: str) -> None:
 @user_app.command("ls")
 def user_ls(as_json: JsonOption = False) -> None:
     """Every user, with how many tokens and live sessions they have."""
-    accounts, store = _accounts()
-    try:
+    with _accounts() as accounts:
         users = accounts.users()
-        live = [s.owner for s in store.list(live_only=True)]
-    finally:
-        store.close()
+        live = [s.owner for s in accounts.store.list(live_only=True)]
     rows = [
         {"user": u.name, "admin": u.admin, "tokens": u.tokens, "live_sessions": live.count(u.name),
          "created_at": u.created_at.isoformat()}
@@ -487,13 +467,21 @@ def user_ls(as_json: JsonOption = False) -> None:
     out.print(table)
 
 
-def _accounts() -> tuple[Accounts, Store]:
+@contextmanager
+def _accounts() -> Iterator[Accounts]:
+    """The accounts in this data directory, opened directly (the service need not run); a
+    refusal ends the command with its sentence."""
     from codestation.accounts import Accounts
     from codestation.store import Store
 
     settings = Settings()
     store = Store(settings.db_path)
-    return Accounts(store, settings), store
+    try:
+        yield Accounts(store, settings)
+    except CodestationError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        store.close()
 
 
 @image_app.command("build")
