@@ -53,7 +53,8 @@ class EnvironmentProfile(BaseModel):
     )
     image: str | None = Field(
         default=None,
-        description="Container image with OpenCode at /usr/local/bin/opencode; "
+        description="Container image with OpenCode at /usr/local/bin/opencode, and sh and stat "
+        "(the workspace guard); "
         "unset means codestation's own sandbox image, built on first need.",
     )
     env: dict[str, str] = Field(
