@@ -97,6 +97,16 @@ def same_origin(scope: Scope, origin: str) -> bool:
     return target is not None and (parts.hostname or "").lower() == target[0] and port == target[1]
 
 
+def from_another_site(scope: Scope) -> bool:
+    """Whether a browser says another page sent this request: an Origin other than this very
+    host, or `Sec-Fetch-Site` naming another site or a sibling host."""
+    headers = Headers(scope=scope)
+    origin = headers.get("origin")
+    if origin is not None and not same_origin(scope, origin):
+        return True
+    return headers.get("sec-fetch-site") in ("cross-site", "same-site")
+
+
 def cookie_pairs(scope: Scope) -> list[tuple[str, str]]:
     """Every `name=value` the browser sent, in order, as browsers write them: leniently, so a
     cookie another site set in a shape a strict parser rejects cannot hide ours."""
@@ -207,11 +217,7 @@ class Access:
                     "header (GET /api/v1/code/me gives it); programs send a Bearer token instead."
                 )
             return
-        fetch_site = headers.get("sec-fetch-site")
-        if (origin is not None and not same_origin(scope, origin)) or fetch_site in (
-            "cross-site",
-            "same-site",
-        ):
+        if from_another_site(scope):
             raise Forbidden("a change to this session from another site's page is refused.")
 
     def _public(self, scope: Scope, session_id: str | None) -> bool:

@@ -21,9 +21,9 @@ from codestation.accounts import Accounts
 from codestation.api.access import (
     SERVICE_COOKIE,
     TICKET_PATH,
+    from_another_site,
     login_cookie,
     safe_next,
-    same_origin,
     secure,
 )
 from codestation.api.routes import CallerDep, Manager, errors
@@ -77,12 +77,7 @@ async def login_page(
 @router.post("/login", response_model=LoginResponse)
 async def login(request: Request, body: LoginRequest) -> Response:
     """Exchange a token for a login cookie (what the login page does)."""
-    origin = request.headers.get("origin")
-    fetch_site = request.headers.get("sec-fetch-site")
-    if (origin is not None and not same_origin(request.scope, origin)) or fetch_site in (
-        "cross-site",
-        "same-site",
-    ):
+    if from_another_site(request.scope):
         raise Forbidden("logging in from another site's page is refused.")
     who = _accounts(request).by_token(body.token)
     if who is None:
