@@ -166,6 +166,12 @@ class Settings(BaseSettings):
     max_body_size: int = Field(
         default=1 << 20, ge=1024, description="Bytes a request body to the API may have (413)."
     )
+    proxy_max_requests: int = Field(
+        default=64,
+        ge=1,
+        description="Requests (event streams and terminals included) one session may have open "
+        "through the proxy at once; more get 503, so no session can starve the others.",
+    )
     start_timeout: float = Field(
         default=60.0,
         gt=0,

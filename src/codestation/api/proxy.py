@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qs
@@ -65,7 +66,13 @@ class SessionProxy:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(30, read=None))
+        # No shared pool limit: one session's streams must never make another's wait. Each
+        # session's share is bounded by `proxy_max_requests` instead.
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(30, read=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+        )
+        self._in_flight: collections.Counter[str] = collections.Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session_id = session_host(scope) if scope["type"] in ("http", "websocket") else None
@@ -92,11 +99,21 @@ class SessionProxy:
             # part of the upstream URL's authority.
             await _plain(send, 400, "The request target must be a path beginning with /.")
             return
+        most = manager.settings.proxy_max_requests
+        if self._in_flight[session.id] >= most:
+            await _refuse_busy(scope, send, session.id, most)
+            return
         upstream = (manager.settings.local_host, session.port)
-        if scope["type"] == "websocket":
-            await self._websocket(scope, receive, send, manager, session, upstream)
-        else:
-            await self._http_request(scope, receive, send, session, upstream)
+        self._in_flight[session.id] += 1
+        try:
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send, manager, session, upstream)
+            else:
+                await self._http_request(scope, receive, send, session, upstream)
+        finally:
+            self._in_flight[session.id] -= 1
+            if not self._in_flight[session.id]:
+                del self._in_flight[session.id]
 
     async def _http_request(
         self,
@@ -107,6 +124,7 @@ class SessionProxy:
         upstream: tuple[str, int],
     ) -> None:
         headers = _upstream_headers(scope, session)
+        body_sent = asyncio.Event()
         url = httpx.URL(
             scheme="http",
             host=upstream[0].strip("[]"),
@@ -115,14 +133,15 @@ class SessionProxy:
             + (b"?" + scope["query_string"] if scope.get("query_string") else b""),
         )
         request = self._http.build_request(
-            scope["method"], url, headers=headers, content=_body(receive)
+            scope["method"], url, headers=headers, content=_body(receive, body_sent)
         )
         try:
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             await _plain(send, 502, f"OpenCode of session {session.id} did not answer: {exc}")
             return
-        try:
+
+        async def relay() -> None:
             await send(
                 {
                     "type": "http.response.start",
@@ -136,10 +155,25 @@ class SessionProxy:
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
-        except OSError:  # the browser went away
-            pass
+
+        async def client_leaves() -> None:
+            # An event stream may say nothing for minutes: only `receive` tells that the
+            # browser has gone, and then the upstream stream must end with it.
+            await body_sent.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        tasks = [asyncio.create_task(relay()), asyncio.create_task(client_leaves())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
             await response.aclose()
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, (OSError, httpx.HTTPError)):
+                raise result  # OSError, HTTPError: one side went away mid-stream
 
     async def _websocket(
         self,
@@ -249,14 +283,18 @@ async def _redeem(scope: Scope, send: Send, session_id: str) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message: Message = await receive()
-        if message["type"] != "http.request":
-            return
-        yield message.get("body", b"")
-        if not message.get("more_body"):
-            return
+async def _body(receive: Receive, sent: asyncio.Event) -> AsyncIterator[bytes]:
+    """The request's body, as it comes; `sent` is set once it has all come."""
+    try:
+        while True:
+            message: Message = await receive()
+            if message["type"] != "http.request":
+                return
+            yield message.get("body", b"")
+            if not message.get("more_body"):
+                return
+    finally:
+        sent.set()
 
 
 async def _plain(send: Send, status: int, text: str) -> None:
@@ -268,6 +306,18 @@ async def _plain(send: Send, status: int, text: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": text.encode()})
+
+
+async def _refuse_busy(scope: Scope, send: Send, session_id: str, most: int) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1013})  # try again later
+        return
+    await _plain(
+        send,
+        503,
+        f"Session {session_id} already has {most} requests open through codestation "
+        "(proxy_max_requests); close some (tabs, event streams, terminals) and try again.",
+    )
 
 
 async def _refuse(scope: Scope, send: Send, session_id: str, session: Session | None) -> None:

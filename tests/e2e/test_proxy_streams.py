@@ -1,0 +1,105 @@
+"""The per-session proxy under abuse: abandoned streams, and one session hogging connections."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from codestation import SessionInfo, Status
+from tests.e2e.conftest import Service, ServiceFactory
+
+
+def running(service: Service, workspace: Path) -> SessionInfo:
+    session = service.client.wait(service.client.start(str(workspace)).id)
+    assert session.status is Status.RUNNING, session.error
+    return session
+
+
+def upstream_connections(port: int) -> int:
+    """Established TCP connections to `port` on this machine (the proxy's, to a session)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+async def abandon_event_streams(service: Service, session: SessionInfo, count: int) -> None:
+    """Open OpenCode's event stream through the proxy `count` times, read its first event,
+    and hang up, as a browser tab reloaded over and over does."""
+    request = (
+        f"GET /event HTTP/1.1\r\nHost: {session.id}.localhost:{service.port}\r\n"
+        f"Authorization: Bearer {service.token}\r\nAccept: text/event-stream\r\n\r\n"
+    ).encode()
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        await asyncio.wait_for(reader.readuntil(b"\n\n"), 30)  # server.connected
+        writer.transport.abort()  # gone, without a goodbye
+
+    for _ in range(0, count, 10):  # ten tabs at a time, well within proxy_max_requests
+        await asyncio.gather(*(one() for _ in range(10)))
+
+
+def proxied(service: Service, session: SessionInfo, path: str, timeout: float = 10) -> int:
+    headers = {"Host": f"{session.id}.localhost:{service.port}", **service.auth_headers()}
+    return httpx.get(f"{service.url}{path}", headers=headers, timeout=timeout).status_code
+
+
+def test_a_thousand_abandoned_streams_leave_the_proxy_working(
+    service: Service, workspace: Path, tmp_path: Path
+) -> None:
+    other_workspace = tmp_path / "other"
+    other_workspace.mkdir()
+    hammered, other = running(service, workspace), running(service, other_workspace)
+
+    asyncio.run(abandon_event_streams(service, hammered, 1000))
+
+    # Each upstream stream ended with its client: none is left open to OpenCode.
+    deadline = time.monotonic() + 10
+    while (left := upstream_connections(hammered.port)) > 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left <= 5, f"{left} upstream connections still open after their clients left"
+    assert proxied(service, other, "/global/health") == 200
+    assert proxied(service, hammered, "/global/health") == 200
+
+
+def test_one_session_cannot_take_every_upstream_connection(
+    start_service: ServiceFactory, workspace: Path, tmp_path: Path
+) -> None:
+    service = start_service(proxy_max_requests="8")
+    other_workspace = tmp_path / "other"
+    other_workspace.mkdir()
+    greedy, other = running(service, workspace), running(service, other_workspace)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(8):  # streams that stay open, each holding one upstream request
+            sock = socket.create_connection(("127.0.0.1", service.port))
+            sock.sendall(
+                f"GET /event HTTP/1.1\r\nHost: {greedy.id}.localhost:{service.port}\r\n"
+                f"Authorization: Bearer {service.token}\r\n\r\n".encode()
+            )
+            assert sock.recv(12) == b"HTTP/1.1 200"
+            held.append(sock)
+        headers = {"Host": f"{greedy.id}.localhost:{service.port}", **service.auth_headers()}
+        refused = httpx.get(f"{service.url}/global/health", headers=headers, timeout=10)
+        assert refused.status_code == 503
+        assert "proxy_max_requests" in refused.text
+        assert proxied(service, other, "/global/health") == 200
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while proxied(service, greedy, "/global/health") != 200:
+        assert time.monotonic() < deadline, "the session's slots did not come back"
+        time.sleep(0.1)
