@@ -18,13 +18,14 @@ launched is recorded first, and the stop removes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pwd
 import secrets
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -51,6 +52,8 @@ from codestation.workspaces import Workspace, check_owner, open_workspace
 
 log = logging.getLogger("codestation")
 
+T = TypeVar("T")
+
 PROBE_INTERVAL = 0.1
 PROBE_TIMEOUT = 1.0
 
@@ -61,7 +64,6 @@ class SessionManager:
         self.store = store
         self.runtimes = runtimes
         self.default_runtime = ""  # chosen by `open`
-        self._checked: set[str] = set()
         self.ports = PortAllocator(
             store, settings.port_range_start, settings.port_range_end, settings.publish_address
         )
@@ -72,6 +74,8 @@ class SessionManager:
         self._loops: list[asyncio.Task[None]] = []
         self._touched: dict[str, datetime] = {}
         self._unpollable: set[str] = set()
+        self._stopping: set[str] = set()  # ids inside `_stop` right now
+        self._sweep: set[str] = set()  # runtimes that may hold sandboxes no record knows
         self._subscribers: dict[asyncio.Queue[tuple[str, Session]], Caller] = {}
 
     # -- lifecycle of the manager itself ---------------------------------------------------
@@ -79,7 +83,6 @@ class SessionManager:
     async def open(self) -> None:
         """Choose the default runtime, then bring the store in line with what really runs."""
         self.default_runtime = await choose_runtime(self.settings, self.runtimes)
-        self._checked.add(self.default_runtime)
         await self.reconcile()
         self._loops = [
             asyncio.create_task(self._every(self.settings.watch_interval, self.watch)),
@@ -103,11 +106,9 @@ class SessionManager:
             await runtime.close()
 
     async def _runtime(self, name: str) -> Runtime:
-        """The runtime called `name`, checked once to answer (RuntimeUnavailable if not)."""
+        """The runtime called `name`, if it answers now (else RuntimeUnavailable)."""
         runtime = self.runtimes[name]
-        if name not in self._checked:
-            await runtime.check()
-            self._checked.add(name)
+        await runtime.check()
         return runtime
 
     async def reconcile(self) -> None:
@@ -121,21 +122,30 @@ class SessionManager:
                 stuck = sum(1 for s in live if s.runtime == name)
                 if stuck:
                     log.warning("%d session(s) in %s left as they are: %s", stuck, name, exc)
-        await asyncio.gather(*(self._readopt(s) for s in live if s.runtime in answering))
-        known = {s.id for s in self.store.list(live_only=True)}
-        orphans = [
-            (name, sid)
-            for name in answering
-            for sid in await self.runtimes[name].running_sessions() - known
-        ]
-        await asyncio.gather(
-            *(self.runtimes[n].stop(sid, {}, self.settings.stop_timeout) for n, sid in orphans)
+                self._sweep.add(name)  # once it answers again
+        await _each(
+            [s for s in live if s.runtime in answering], self._readopt, "cannot re-adopt session"
         )
-        if live or orphans:
+        removed = 0
+        for name in answering:
+            removed += await self._remove_orphans(name)
+        if live or removed:
             log.info(
-                "reconciled %d live session(s); removed %d orphan sandbox(es)",
-                len(live), len(orphans),
-            )  # fmt: skip
+                "reconciled %d live session(s); removed %d orphan sandbox(es)", len(live), removed
+            )
+
+    async def _remove_orphans(self, name: str) -> int:
+        """Remove the sandboxes of runtime `name` that no live record knows; how many."""
+        runtime = self.runtimes[name]
+        held = await runtime.running_sessions()
+        known = {s.id for s in self.store.list(live_only=True)}  # after listing: none missed
+        orphans = sorted(held - known)
+        await _each(
+            orphans,
+            lambda sid: runtime.stop(sid, {}, self.settings.stop_timeout),
+            f"cannot remove orphan sandbox of {name}",
+        )
+        return len(orphans)
 
     async def _every(self, seconds: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -167,7 +177,9 @@ class SessionManager:
         return [s for s in self.store.list(live_only=True) if s.status is Status.RUNNING]
 
     async def watch(self) -> None:
-        """Notice running sessions whose agent died (it crashed, was killed, ran out of memory)."""
+        """Notice running sessions whose agent died (it crashed, was killed, ran out of memory),
+        and finish what an engine outage interrupted: stops, starts, and orphaned sandboxes."""
+        await self._resume_interrupted()
         running = self._running()
         results = await asyncio.gather(
             *(self._notice_end(s) for s in running), return_exceptions=True
@@ -179,6 +191,35 @@ class SessionManager:
                 self._unpollable.add(session.id)
             elif not isinstance(result, Exception):
                 self._unpollable.discard(session.id)
+
+    async def _resume_interrupted(self) -> None:
+        """A stop that met an unreachable engine is retried until it ends; a start that this
+        process is not carrying on (its engine was down when codestation started) is re-adopted;
+        sandboxes a failed session could not remove are swept once their engine answers."""
+        stuck = [
+            s
+            for s in self.store.list(live_only=True)
+            if (s.status is Status.STOPPING and s.id not in self._stopping)
+            or (s.status is Status.STARTING and s.id not in self._launches)
+        ]
+        for session in stuck:
+            try:
+                if session.status is Status.STOPPING:
+                    await self._stop(session.id, session.reason or "requested")
+                else:
+                    await self._runtime(session.runtime)
+                    await self._readopt(session)
+            except RuntimeUnavailable:
+                pass  # still down: the next round tries again
+            except Exception:
+                log.exception("session %s: cannot finish its %s", session.id, session.status)
+        for name in sorted(self._sweep):
+            try:
+                await self._runtime(name)
+                await self._remove_orphans(name)
+            except RuntimeUnavailable:
+                continue
+            self._sweep.discard(name)
 
     def touch(self, session: Session) -> None:
         """Count activity on the session: an API call about it, traffic through the proxy,
@@ -192,16 +233,32 @@ class SessionManager:
         running = self._running()
         touched, self._touched = self._touched, {}
         seen = await asyncio.gather(
-            *(agent.last_activity(self._http, self._local_url(s), s.password) for s in running)
+            *(agent.last_activity(self._http, self._local_url(s), s.password) for s in running),
+            return_exceptions=True,
         )
         for session, agent_seen in zip(running, seen, strict=True):
-            times = (session.last_activity, touched.get(session.id), agent_seen)
-            latest = max((t for t in times if t is not None), default=None)
-            if latest is not None and latest != session.last_activity:
-                session = await self._record_activity(session.id, latest)
-            why = session.due(now())
-            if why is not None:
-                log.info("session %s: stopping, %s", session.id, why.replace("_", " "))
+            try:
+                await self._cull_one(session, touched.get(session.id), agent_seen)
+            except Exception:  # one session must not keep the others from being culled
+                log.exception("session %s: cannot check it for culling", session.id)
+
+    async def _cull_one(
+        self,
+        session: Session,
+        touched: datetime | None,
+        agent_seen: datetime | BaseException | None,
+    ) -> None:
+        if isinstance(agent_seen, BaseException):
+            log.warning("session %s: cannot ask its agent for activity: %r", session.id, agent_seen)
+            agent_seen = None
+        times = (session.last_activity, touched, agent_seen)
+        latest = max((t for t in times if t is not None), default=None)
+        if latest is not None and latest != session.last_activity:
+            session = await self._record_activity(session.id, latest)
+        why = session.due(now())
+        if why is not None:
+            log.info("session %s: stopping, %s", session.id, why.replace("_", " "))
+            with contextlib.suppress(RuntimeUnavailable):  # stopped once its engine is back
                 await self._stop(session.id, why)
 
     async def _readopt(self, session: Session) -> None:
@@ -456,7 +513,13 @@ class SessionManager:
             if session.status not in (Status.STARTING, Status.RUNNING):
                 return  # a stop took over
             runtime = self.runtimes[session.runtime]
-            tail = await runtime.stop(session_id, session.runtime_state, 0)
+            try:
+                tail = await runtime.stop(session_id, session.runtime_state, 0)
+            except RuntimeUnavailable as exc:
+                # The session has failed either way; its sandbox goes once the engine is back.
+                self._sweep.add(session.runtime)
+                tail = ""
+                reason = f"{reason} (its sandbox is removed once the engine answers: {exc})"
             error = reason if not tail else f"{reason}\n--- last log lines ---\n{tail.rstrip()}"
             self._save(
                 session.advance(Status.FAILED, error=error, log_tail=tail or None, step=None)
@@ -475,7 +538,17 @@ class SessionManager:
         if everyone and not caller.admin:
             raise Forbidden("only an admin may stop everyone's sessions; leave out all=true.")
         live = [s for s in self.store.list(live_only=True) if everyone or s.owner == caller.user]
-        return list(await asyncio.gather(*(self._stop(s.id, "requested") for s in live)))
+        results = await asyncio.gather(
+            *(self._stop(s.id, "requested") for s in live), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, RuntimeUnavailable):
+                raise result
+        # A session whose engine is down is listed as it is: stopping, until the engine is back.
+        return [
+            r if isinstance(r, Session) else self._load(s.id)
+            for s, r in zip(live, results, strict=True)
+        ]
 
     async def delete(self, caller: Caller, session_id: str) -> None:
         """Stop one of `caller`'s sessions and forget it."""
@@ -489,7 +562,16 @@ class SessionManager:
     async def _stop(self, session_id: str, reason: str) -> Session:
         """Stop a session and remove its sandbox. Idempotent; safe to call concurrently.
 
-        `reason` says why: requested, idle, max_age or shutdown."""
+        `reason` says why: requested, idle, max_age or shutdown. If the runtime's engine does
+        not answer, the session stays `stopping` (RuntimeUnavailable): `watch` stops it once
+        the engine is back."""
+        self._stopping.add(session_id)
+        try:
+            return await self._stop_now(session_id, reason)
+        finally:
+            self._stopping.discard(session_id)
+
+    async def _stop_now(self, session_id: str, reason: str) -> Session:
         async with self._locks[session_id]:
             session = self._load(session_id)
             if not session.status.live:
@@ -504,8 +586,23 @@ class SessionManager:
             session = self._load(session_id)
             if not session.status.live:
                 return session  # a concurrent stop finished first
-            runtime = self.runtimes[session.runtime]
-            tail = await runtime.stop(session_id, session.runtime_state, self.settings.stop_timeout)
+            runtime = self.runtimes.get(session.runtime)
+            if runtime is None:  # recorded by another version: nothing here can remove it
+                log.warning("session %s: its runtime %r is unknown here; forgetting its sandbox",
+                            session_id, session.runtime)  # fmt: skip
+                session = session.advance(Status.STOPPED, step=None)
+                self._save(session)
+                return session
+            try:
+                tail = await runtime.stop(
+                    session_id, session.runtime_state, self.settings.stop_timeout
+                )
+            except RuntimeUnavailable as exc:
+                log.warning("session %s: stop waits for its engine: %s", session_id, exc)
+                raise RuntimeUnavailable(
+                    f"{exc} Session {session_id} is marked stopping and is stopped as soon as "
+                    "the engine answers again."
+                ) from exc
             session = session.advance(Status.STOPPED, log_tail=tail or session.log_tail, step=None)
             self._save(session)
         log.info("session %s stopped", session_id)
@@ -556,6 +653,15 @@ class SessionManager:
 
     async def _record_state(self, session_id: str, state: State) -> None:
         await self._change(session_id, lambda s: s.with_changes(runtime_state=state))
+
+
+async def _each(items: Iterable[T], work: Callable[[T], Awaitable[object]], failure: str) -> None:
+    """`work` on every item at once; one that fails is logged and does not stop the others."""
+    items = list(items)
+    results = await asyncio.gather(*(work(item) for item in items), return_exceptions=True)
+    for item, result in zip(items, results, strict=True):
+        if isinstance(result, Exception):
+            log.warning("%s %s: %s", failure, getattr(item, "id", item), result)
 
 
 def _bounded(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from pydantic import SecretStr
 
 from codestation.identity import Login, Token, User
 from codestation.sessions import Session, Status
+
+log = logging.getLogger("codestation")
 
 # SQLite column types of the Session fields; `_to_row`/`_from_row` convert by the field's type.
 _SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL"}
@@ -87,6 +90,7 @@ class Store:
         path.parent.chmod(0o700)
         self.path = path
         self._lock = threading.Lock()
+        self._unreadable: set[str] = set()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         path.chmod(0o600)  # it holds every session's password
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -157,7 +161,8 @@ class Store:
             row = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
-        return _from_row(row) if row else None
+        found = self._decoded([row]) if row else []
+        return found[0] if found else None
 
     def list(self, *, live_only: bool = False) -> list[Session]:
         where = f"WHERE {_LIVE}" if live_only else ""
@@ -165,7 +170,21 @@ class Store:
             rows = self._db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM sessions {where} ORDER BY created_at"
             ).fetchall()
-        return [_from_row(r) for r in rows]
+        return self._decoded(rows)
+
+    def _decoded(self, rows: builtins.list[tuple[Any, ...]]) -> builtins.list[Session]:
+        """The sessions these rows hold. A row this version cannot read (edited by hand, or
+        written by another version) is left out, and said once, rather than making every
+        session unreadable."""
+        sessions = []
+        for row in rows:
+            try:
+                sessions.append(_from_row(row))
+            except (TypeError, ValueError, KeyError) as exc:
+                if row[0] not in self._unreadable:
+                    self._unreadable.add(row[0])
+                    log.warning("session %s in the store cannot be read, left out: %s", row[0], exc)
+        return sessions
 
     def leased_ports(self) -> dict[int, str]:
         with self._lock:

@@ -86,6 +86,7 @@ class BwrapRuntime(Runtime):
         self.run_dir = settings.data_dir / "run"
         self.log_dir = settings.data_dir / "logs"
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._sandboxes_work = False  # proved once by `check`; the kernel does not change
 
     def _bwrap(self) -> str:
         found = shutil.which("bwrap")
@@ -109,6 +110,8 @@ class BwrapRuntime(Runtime):
                 "setpriv (util-linux) is needed to run sessions as the workspace owner; "
                 "install util-linux."
             )
+        if self._sandboxes_work:
+            return
         probe = await asyncio.to_thread(
             subprocess.run,
             [bwrap, "--ro-bind", "/", "/", "--unshare-pid", "--", "true"],
@@ -122,6 +125,7 @@ class BwrapRuntime(Runtime):
                 "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) "
                 "or start a Docker engine."
             )
+        self._sandboxes_work = True
 
     async def prepare(self, profile: EnvironmentProfile, report: Report) -> None:
         if profile.image is not None:

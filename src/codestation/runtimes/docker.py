@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import requests.exceptions
 from docker.models.containers import Container
 from docker.types import Mount
 
@@ -32,6 +33,8 @@ from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
 LABEL_MANAGED = "codestation.managed"
 LABEL_SESSION = "codestation.session"
 LABEL_DATA_DIR = "codestation.data-dir"
+
+T = TypeVar("T")
 
 
 def container_name(session_id: str) -> str:
@@ -63,6 +66,18 @@ class DockerRuntime(Runtime):
             "(`sudo systemctl start docker`, or `sudo dockerd &`) or point DOCKER_HOST at one."
         )
 
+    async def _call(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`work(*args, **kwargs)` in a worker thread; an engine that does not answer is
+        RuntimeUnavailable, whatever call met it."""
+        try:
+            return await asyncio.to_thread(work, *args, **kwargs)
+        except requests.exceptions.RequestException as exc:
+            raise RuntimeUnavailable(self._unreachable(exc)) from exc
+        except docker.errors.DockerException as exc:
+            if isinstance(exc, docker.errors.APIError):
+                raise
+            raise RuntimeUnavailable(self._unreachable(exc)) from exc
+
     def inside_port(self, port: int) -> int:
         return agent.CONTAINER_PORT
 
@@ -71,23 +86,24 @@ class DockerRuntime(Runtime):
 
     async def check(self) -> None:
         try:
-            await asyncio.to_thread(self.client.ping)
-        except (docker.errors.DockerException, OSError) as exc:
+            await self._call(lambda: self.client.ping())
+        except (docker.errors.APIError, OSError) as exc:
             raise RuntimeUnavailable(self._unreachable(exc)) from exc
 
     def image_for(self, profile: EnvironmentProfile) -> str:
         return profile.image or image_tag(self.settings)
 
     async def prepare(self, profile: EnvironmentProfile, report: Report) -> None:
-        if profile.image is None:
-            await asyncio.to_thread(ensure_image, self.client, self.settings, report)
+        image = profile.image
+        if image is None:
+            await self._call(lambda: ensure_image(self.client, self.settings, report))
             return
         try:
-            await asyncio.to_thread(self.client.images.get, profile.image)
+            await self._call(lambda: self.client.images.get(image))
         except docker.errors.ImageNotFound:
-            report(f"pulling {profile.image}")
+            report(f"pulling {image}")
             try:
-                await asyncio.to_thread(self.client.images.pull, profile.image)
+                await self._call(lambda: self.client.images.pull(image))
             except docker.errors.APIError as exc:
                 raise StartFailed(
                     f"image {profile.image} is not on this host and cannot be pulled "
@@ -95,7 +111,7 @@ class DockerRuntime(Runtime):
                 ) from exc
 
     async def start(self, spec: LaunchSpec) -> State:
-        return await asyncio.to_thread(self._start, spec)
+        return await self._call(self._start, spec)
 
     def _start(self, spec: LaunchSpec) -> State:
         name = container_name(spec.session_id)
@@ -123,10 +139,11 @@ class DockerRuntime(Runtime):
                 security_opt=["no-new-privileges"],
                 **_limits(spec.limits),
             )
-        except docker.errors.DockerException as exc:
+        except docker.errors.APIError as exc:
             self._remove(name)  # `run` creates before it starts; a failed start leaves one
-            detail = exc.explanation if isinstance(exc, docker.errors.APIError) else str(exc)
-            raise StartFailed(f"Docker could not start the session's container: {detail}") from exc
+            raise StartFailed(
+                f"Docker could not start the session's container: {exc.explanation or exc}"
+            ) from exc
         return {"container_id": container.id, "container_name": name}
 
     def _container(self, session_id: str, state: State) -> Container | None:
@@ -144,7 +161,7 @@ class DockerRuntime(Runtime):
             self.client.api.remove_container(ref, force=True, v=True)
 
     async def poll(self, session_id: str, state: State) -> Exit | None:
-        return await asyncio.to_thread(self._poll, session_id, state)
+        return await self._call(self._poll, session_id, state)
 
     def _poll(self, session_id: str, state: State) -> Exit | None:
         container = self._container(session_id, state)
@@ -161,7 +178,7 @@ class DockerRuntime(Runtime):
         return Exit(reason=reason, code=code, oom_killed=oom)
 
     async def stop(self, session_id: str, state: State, grace: float) -> str:
-        return await asyncio.to_thread(self._stop, session_id, state, grace)
+        return await self._call(self._stop, session_id, state, grace)
 
     def _stop(self, session_id: str, state: State, grace: float) -> str:
         container = self._container(session_id, state)
@@ -182,16 +199,16 @@ class DockerRuntime(Runtime):
         return raw.decode("utf-8", "replace")
 
     async def logs(self, session_id: str, state: State, tail: int) -> str:
-        container = await asyncio.to_thread(self._container, session_id, state)
+        container = await self._call(self._container, session_id, state)
         if container is None:
             return ""
-        return await asyncio.to_thread(self._tail, container, tail)
+        return await self._call(self._tail, container, tail)
 
     async def follow(self, session_id: str, state: State, tail: int) -> AsyncIterator[bytes]:
-        container = await asyncio.to_thread(self._container, session_id, state)
+        container = await self._call(self._container, session_id, state)
         if container is None:
             return
-        stream = await asyncio.to_thread(
+        stream = await self._call(
             container.logs, stdout=True, stderr=True, stream=True, follow=True, tail=tail
         )
         async for chunk in _pumped(stream, f"logs-{session_id}"):
@@ -203,7 +220,7 @@ class DockerRuntime(Runtime):
             "event": "die",
             "label": [f"{LABEL_MANAGED}=true", f"{LABEL_DATA_DIR}={self.settings.data_dir}"],
         }
-        stream = await asyncio.to_thread(self.client.events, decode=True, filters=filters)
+        stream = await self._call(lambda: self.client.events(decode=True, filters=filters))
         async for event in _pumped(stream, "docker-events"):
             session_id = event.get("Actor", {}).get("Attributes", {}).get(LABEL_SESSION)
             if session_id:
@@ -211,8 +228,8 @@ class DockerRuntime(Runtime):
 
     async def running_sessions(self) -> set[str]:
         labels = [f"{LABEL_MANAGED}=true", f"{LABEL_DATA_DIR}={self.settings.data_dir}"]
-        containers = await asyncio.to_thread(
-            self.client.containers.list, all=True, filters={"label": labels}
+        containers = await self._call(
+            lambda: self.client.containers.list(all=True, filters={"label": labels})
         )
         return {c.labels[LABEL_SESSION] for c in containers if LABEL_SESSION in c.labels}
 
