@@ -91,7 +91,7 @@ async def is_healthy(
         return False
     try:
         return bool(response.json().get("healthy"))
-    except ValueError:
+    except (ValueError, AttributeError):  # not JSON, or not an object
         return False
 
 
@@ -107,13 +107,20 @@ async def last_activity(
         sessions = (await client.get(f"{url}/session", auth=auth, timeout=5)).json()
     except (httpx.HTTPError, ValueError):
         return None
-    busy = any(s.get("type") != "idle" for s in statuses.values()) or any(
-        p.get("status") == "running" for p in shells
-    )
-    if busy:
-        return datetime.now(UTC)
-    updated = [s["time"]["updated"] for s in sessions if s.get("time", {}).get("updated")]
-    return datetime.fromtimestamp(max(updated) / 1000, UTC) if updated else None
+    # The agent can answer anything here (it may have replaced OpenCode): an answer of
+    # another shape says nothing, and must not break the cull round.
+    try:
+        busy = any(s.get("type") != "idle" for s in statuses.values()) or any(
+            p.get("status") == "running" for p in shells
+        )
+        if busy:
+            return datetime.now(UTC)
+        updated = [
+            float(s["time"]["updated"]) for s in sessions if s.get("time", {}).get("updated")
+        ]
+        return datetime.fromtimestamp(max(updated) / 1000, UTC) if updated else None
+    except (AttributeError, TypeError, KeyError, ValueError, OverflowError, OSError):
+        return None
 
 
 def _npm_platform_package() -> str:

@@ -1,0 +1,62 @@
+"""What the agent says about its own activity: believed when it makes sense, ignored when not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from codestation.agent import last_activity
+
+
+def answering(answers: dict[str, Any]) -> httpx.AsyncClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=json.dumps(answers[request.url.path]))
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+def ask(answers: dict[str, Any]) -> datetime | None:
+    async def run() -> datetime | None:
+        async with answering(answers) as client:
+            return await last_activity(client, "http://agent", SecretStr("pw"))
+
+    return asyncio.run(run())
+
+
+def test_the_latest_change_to_its_sessions() -> None:
+    seen = ask(
+        {
+            "/session/status": {"a": {"type": "idle"}},
+            "/pty": [{"status": "exited"}],
+            "/session": [{"time": {"updated": 1_700_000_000_000}}, {"time": {}}],
+        }
+    )
+    assert seen == datetime.fromtimestamp(1_700_000_000, UTC)
+
+
+def test_a_working_session_or_a_running_shell_is_activity_now() -> None:
+    busy = ask({"/session/status": {"a": {"type": "busy"}}, "/pty": [], "/session": []})
+    assert busy is not None
+    assert (datetime.now(UTC) - busy).total_seconds() < 5
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        {"/session/status": [], "/pty": [], "/session": []},
+        {"/session/status": {"a": "idle"}, "/pty": [], "/session": []},
+        {"/session/status": {}, "/pty": {"x": 1}, "/session": []},
+        {"/session/status": {}, "/pty": [], "/session": [{"time": {"updated": "soon"}}]},
+        {"/session/status": {}, "/pty": [], "/session": [{"time": {"updated": 1e300}}]},
+        {"/session/status": {}, "/pty": [], "/session": [1, 2]},
+        {"/session/status": None, "/pty": None, "/session": None},
+    ],
+)
+def test_an_answer_of_another_shape_says_nothing(answers: dict[str, Any]) -> None:
+    assert ask(answers) is None
