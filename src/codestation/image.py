@@ -1,13 +1,15 @@
 """The sandbox image Docker sessions run: built from `sandbox/Dockerfile` and the pinned OpenCode.
 
-Its tag carries a hash of its inputs (the Dockerfile and the OpenCode version), so an image is
-built once and rebuilt only when an input changes. Its base is `sandbox_base_image` when that
+Its tag carries a hash of every input of the build (the Dockerfile, the base image's name, the
+OpenCode version and the binary's content), so an image is built once and rebuilt only when an
+input changes. Its base is `sandbox_base_image` when that
 can be had; where no registry answers (air-gapped sites, these CI machines), a Debian base is
 made from the apt mirror with debootstrap and imported instead.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -41,8 +43,28 @@ def dockerfile() -> bytes:
 
 
 def image_tag(settings: Settings) -> str:
-    digest = hashlib.sha256(dockerfile() + settings.opencode_version.encode()).hexdigest()
+    """The tag of the sandbox image these settings make. Installs OpenCode if it is missing:
+    its content is an input."""
+    inputs = [
+        dockerfile(),
+        settings.sandbox_base_image.encode(),
+        settings.opencode_version.encode(),
+        _file_digest(opencode_binary(settings)).encode(),
+    ]
+    digest = hashlib.sha256(b"\0".join(inputs)).hexdigest()
     return f"{REPOSITORY}:{settings.opencode_version}-{digest[:12]}"
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of the file, computed once per version of it (the binary is about 150 MB)."""
+    stat = path.stat()
+    return _digest_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.cache
+def _digest_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _exists(client: docker.DockerClient, ref: str) -> bool:

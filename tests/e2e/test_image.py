@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 from docker.models.containers import Container
 
 from codestation import SessionInfo, Settings, Status
-from codestation.image import image_tag
+from codestation.image import FALLBACK_BASE, image_tag
 from tests.e2e.conftest import ServiceFactory
 
 pytestmark = pytest.mark.serial  # it removes and rebuilds the sandbox image every other test uses
@@ -59,3 +61,28 @@ def test_a_missing_image_is_built_on_first_need_and_then_reused(
     assert all(t in tools for t in ("/git", "/rg", "/curl"))
     service.client.stop(second.id)
     engine.close()
+
+
+@pytest.mark.runtimes("docker")
+def test_another_base_image_makes_another_sandbox_image(
+    start_service: ServiceFactory, workspace: Path
+) -> None:
+    engine = docker.from_env()
+    default_tag = image_tag(Settings())
+    engine.images.get(FALLBACK_BASE).tag("codestation-test-base", "other")
+    other = Settings(sandbox_base_image="codestation-test-base:other")
+    tag = image_tag(other)
+    assert tag != default_tag
+    try:
+        service = start_service(sandbox_base_image=other.sandbox_base_image)
+        session = service.client.wait(service.client.start(str(workspace)).id)
+        assert session.status is Status.RUNNING, session.error
+        container = engine.containers.get(f"codestation-{session.id}")
+        assert container.image is not None
+        assert container.image.id == engine.images.get(tag).id
+        service.client.stop(session.id)
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            engine.images.remove(tag, force=True)
+        engine.images.remove("codestation-test-base:other")
+        engine.close()

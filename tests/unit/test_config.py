@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from codestation.config import Settings, masked
+from codestation.image import image_tag
 
 
 def test_default_environment_always_exists(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,3 +109,22 @@ def test_codestation_s_own_directories_are_reserved(tmp_path: Path) -> None:
     for own in (tmp_path / "d", tmp_path / "c", tmp_path / "t", Path(sys.prefix).resolve(),
                 Path(codestation.__file__).parent.resolve()):  # fmt: skip
         assert own.resolve() in reserved
+
+
+def test_the_image_tag_covers_every_input_of_the_build(tmp_path: Path) -> None:
+    binary = tmp_path / "opencode"
+    binary.write_bytes(b"#!/bin/sh\necho one\n")
+    binary.chmod(0o755)
+    base = Settings(opencode_binary=binary, cache_dir=tmp_path / "cache")
+    assert image_tag(base) == image_tag(Settings(opencode_binary=binary, cache_dir=tmp_path))
+    other_base = Settings(opencode_binary=binary, sandbox_base_image="ubuntu:24.04")
+    assert image_tag(other_base) != image_tag(base)
+    other_version = Settings(opencode_binary=binary, opencode_version="1.0.0")
+    assert image_tag(other_version) != image_tag(base)
+    before = image_tag(base)
+    binary.write_bytes(b"#!/bin/sh\necho second\n")
+    assert image_tag(base) != before
+    copy = tmp_path / "elsewhere"
+    copy.write_bytes(binary.read_bytes())
+    copy.chmod(0o755)
+    assert image_tag(Settings(opencode_binary=copy)) == image_tag(Settings(opencode_binary=binary))
