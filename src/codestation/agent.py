@@ -95,11 +95,18 @@ async def is_healthy(
         return False
 
 
+# The title of the PTYs codestation's browser terminals run in (`terminals.py`).
+TERMINAL = "codestation:"
+
+
 async def last_activity(
     client: httpx.AsyncClient, url: str, password: SecretStr
 ) -> datetime | None:
     """When the agent last did something, as OpenCode tells: now if a session of it is working
-    or a shell of it runs, else the last change to any of its sessions. None if it won't say."""
+    or a shell of it runs, else the last change to any of its sessions. None if it won't say.
+
+    codestation's own browser terminals are not counted: typing in one is activity (the API
+    sees it), an open one left alone is not."""
     auth = basic(password)
     try:
         statuses = (await client.get(f"{url}/session/status", auth=auth, timeout=5)).json()
@@ -111,7 +118,8 @@ async def last_activity(
     # another shape says nothing, and must not break the cull round.
     try:
         busy = any(s.get("type") != "idle" for s in statuses.values()) or any(
-            p.get("status") == "running" for p in shells
+            p.get("status") == "running" and not str(p.get("title", "")).startswith(TERMINAL)
+            for p in shells
         )
         if busy:
             return datetime.now(UTC)

@@ -210,6 +210,12 @@ class Settings(BaseSettings):
         description="Seconds between polls of running sessions for a dead agent (the backstop "
         "of the runtime's events).",
     )
+    terminal_keep: float = Field(
+        default=300,
+        gt=0,
+        description="Seconds a browser terminal lives on after its tab closed, for the tab to "
+        "come back to; then it is ended.",
+    )
     cull_interval: float = Field(
         default=30, gt=0, description="Seconds between checks for idle and old sessions."
     )

@@ -173,14 +173,14 @@ class SessionManager:
         if exit_ is not None:
             await self._fail(session.id, f"OpenCode stopped unexpectedly: {exit_.reason}")
 
-    def _running(self) -> list[Session]:
+    def running(self) -> list[Session]:
         return [s for s in self.store.list(live_only=True) if s.status is Status.RUNNING]
 
     async def watch(self) -> None:
         """Notice running sessions whose agent died (it crashed, was killed, ran out of memory),
         and finish what an engine outage interrupted: stops, starts, and orphaned sandboxes."""
         await self._resume_interrupted()
-        running = self._running()
+        running = self.running()
         results = await asyncio.gather(
             *(self._notice_end(s) for s in running), return_exceptions=True
         )
@@ -230,7 +230,7 @@ class SessionManager:
         """Stop running sessions idle longer than their idle_timeout or older than their
         max_age. Activity is the latest of: API calls about the session, the agent working or
         its shell running (asked of OpenCode), and the last change to its OpenCode sessions."""
-        running = self._running()
+        running = self.running()
         touched, self._touched = self._touched, {}
         seen = await asyncio.gather(
             *(agent.last_activity(self._http, self._local_url(s), s.password) for s in running),

@@ -3,8 +3,11 @@
 A terminal is a PTY that the session's own OpenCode runs (its `/pty` API), so it lives inside
 the sandbox, as the agent's user. `agent` mode runs `opencode attach` on the session's server
 (the agent's TUI); `shell` mode runs bash. A terminal outlives the browser: closing the tab
-detaches it, and attaching again within `KEEP` replays its recent output (OpenCode keeps it)
-and carries on, as Coder's reconnecting PTY does. One terminal per session and mode.
+detaches it, and attaching again within `terminal_keep` seconds replays its recent output
+(OpenCode keeps it) and carries on, as Coder's reconnecting PTY does. One terminal per session
+and mode. `sweep`, run every `cull_interval`, ends terminals detached longer than that, and
+those a previous run of the service left (their PTYs carry the title `codestation:<mode>`).
+A terminal left open is not activity on its session; typing in it is.
 
 Browser protocol (JSON text frames in, raw output out): `{"data": "ls\\r"}` types,
 `{"rows": 24, "cols": 80}` resizes.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import time
@@ -24,9 +28,9 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from codestation.agent import TERMINAL
 from codestation.sessions import Session
 
-KEEP = 300.0  # seconds a detached terminal waits for its browser to come back
 MODES = ("agent", "shell")
 
 
@@ -38,9 +42,11 @@ class _Terminal:
 
 
 class Terminals:
-    def __init__(self, local_host: str) -> None:
+    def __init__(self, local_host: str, keep: float) -> None:
         self.local_host = local_host
+        self.keep = keep  # seconds a detached terminal waits for its browser to come back
         self._open: dict[tuple[str, str], _Terminal] = {}
+        self._making: collections.Counter[str] = collections.Counter()  # PTYs being made
         self._http = httpx.AsyncClient(timeout=10)
 
     async def close(self) -> None:
@@ -57,6 +63,7 @@ class Terminals:
         key = (session.id, mode)
         known = self._open.get(key)
         if known is not None:
+            known.detached_at = None  # claimed: `sweep` must not end it while we ask
             alive = await self._http.get(
                 f"{self._url(session)}/pty/{known.pty_id}", auth=self._auth(session)
             )
@@ -69,14 +76,23 @@ class Terminals:
             args = ["attach", f"http://127.0.0.1:{inside_port}"]
         else:
             command, args = "bash", []
-        created = await self._http.post(
-            f"{self._url(session)}/pty",
-            auth=self._auth(session),
-            json={"command": command, "args": args, "cwd": "/workspace", "title": mode},
-        )
-        created.raise_for_status()
-        pty_id: str = created.json()["id"]
-        self._open[key] = _Terminal(session, pty_id)
+        self._making[session.id] += 1
+        try:
+            created = await self._http.post(
+                f"{self._url(session)}/pty",
+                auth=self._auth(session),
+                json={
+                    "command": command, "args": args, "cwd": "/workspace",
+                    "title": TERMINAL + mode,
+                },
+            )  # fmt: skip
+            created.raise_for_status()
+            pty_id: str = created.json()["id"]
+            self._open[key] = _Terminal(session, pty_id)
+        finally:
+            self._making[session.id] -= 1
+            if not self._making[session.id]:
+                del self._making[session.id]
         return pty_id
 
     async def resize(self, session: Session, pty_id: str, rows: int, cols: int) -> None:
@@ -96,7 +112,6 @@ class Terminals:
         on_input: Callable[[], None],
     ) -> None:
         """Bridge a browser to the terminal until either side goes away."""
-        self.expire()
         pty_id = await self._pty(session, mode, inside_port)
         terminal = self._open[(session.id, mode)]
         terminal.detached_at = None
@@ -143,17 +158,33 @@ class Terminals:
                     ):
                         raise result
 
-    def expire(self) -> None:
-        """End terminals detached longer than KEEP."""
+    async def sweep(self, running: list[Session]) -> None:
+        """End terminals detached longer than `keep`, those of sessions no longer running, and
+        those of `running` sessions that this process does not know (a previous run's)."""
         now = time.monotonic()
+        live = {s.id for s in running}
         for key, terminal in list(self._open.items()):
-            if terminal.detached_at is not None and now - terminal.detached_at > KEEP:
+            detached = terminal.detached_at
+            if terminal.session.id not in live:
                 del self._open[key]
-                asyncio.get_running_loop().create_task(self._end(terminal))
+            elif detached is not None and now - detached > self.keep:
+                del self._open[key]
+                await self._end(terminal.session, terminal.pty_id)
+        for session in running:
+            if session.id in self._making:
+                continue  # its new PTY may be listed before it is recorded: next time
+            try:
+                shells = (
+                    await self._http.get(f"{self._url(session)}/pty", auth=self._auth(session))
+                ).json()
+                left = [p["id"] for p in shells if str(p.get("title", "")).startswith(TERMINAL)]
+            except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+                continue  # it will say next time, or it is not running any more
+            ours = {t.pty_id for t in self._open.values()}  # as of now, after the await
+            for pty_id in left:
+                if pty_id not in ours and session.id not in self._making:
+                    await self._end(session, str(pty_id))
 
-    async def _end(self, terminal: _Terminal) -> None:
+    async def _end(self, session: Session, pty_id: str) -> None:
         with contextlib.suppress(httpx.HTTPError):  # gone with its session already
-            await self._http.delete(
-                f"{self._url(terminal.session)}/pty/{terminal.pty_id}",
-                auth=self._auth(terminal.session),
-            )
+            await self._http.delete(f"{self._url(session)}/pty/{pty_id}", auth=self._auth(session))

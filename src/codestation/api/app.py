@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +36,15 @@ EXAMPLES = {
 }
 
 
+async def _sweep_terminals(terminals: Terminals, manager: SessionManager, every: float) -> None:
+    while True:
+        try:
+            await terminals.sweep(manager.running())
+        except Exception:  # a sweep that dies would end no terminal again; log and go on
+            log.exception("sweeping terminals failed; trying again in %g s", every)
+        await asyncio.sleep(every)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -49,13 +59,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         app.state.manager = manager
         app.state.accounts = Accounts(store, settings)
-        app.state.terminals = Terminals(settings.local_host)
+        terminals = app.state.terminals = Terminals(settings.local_host, settings.terminal_keep)
+        sweeping = asyncio.create_task(_sweep_terminals(terminals, manager, settings.cull_interval))
         log.info("codestation %s: runtime %s, data in %s", __version__,
                  manager.default_runtime, settings.data_dir)  # fmt: skip
         try:
             yield
         finally:
-            await app.state.terminals.close()
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+            await terminals.close()
             await manager.close()
             store.close()
 

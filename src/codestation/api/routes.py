@@ -197,8 +197,8 @@ def _sse(event: str, data: str) -> str:
 async def terminal(websocket: WebSocket, session_id: str, mode: str = "agent") -> None:
     """A terminal in the session's sandbox: `mode=agent` (OpenCode's TUI) or `mode=shell`.
     Send `{"data": ...}` to type and `{"rows": r, "cols": c}` to resize; output comes as bytes.
-    Reattaching within five minutes replays recent output. Only codestation's own pages may
-    open it (`api/access.py` checks its Origin)."""
+    Reattaching within `terminal_keep` seconds replays recent output. Only codestation's own
+    pages may open it (`api/access.py` checks its Origin)."""
     manager: SessionManager = websocket.app.state.manager
     terminals: Terminals = websocket.app.state.terminals
     who = caller(websocket.scope)
