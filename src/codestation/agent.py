@@ -38,14 +38,15 @@ OFFLINE_ENV = {
 _install_lock = threading.Lock()
 
 
-# Run first, inside the sandbox: OpenCode starts only if /workspace is the very directory that
-# was checked (its device and inode, passed as $0). Engines mount by path, and a path can be
-# swapped for a symlink between codestation's check and the engine's mount; this check cannot
-# be raced, since it looks at what is mounted, from where the agent will run.
+# Run first, inside the sandbox: OpenCode starts only if /workspace, and each path pinned in it,
+# is the very file that was checked (device and inode; `path=dev:ino` words in $0). Engines
+# mount by path, and a path can be swapped for a symlink between codestation's check and the
+# engine's mount; this check cannot be raced, since it looks at what is mounted, from where
+# the agent will run.
 _GUARD = (
-    '[ "$(stat -c %d:%i /workspace)" = "$0" ] || { echo "codestation: the workspace was '
-    "replaced while the session started (/workspace is $(stat -c %d:%i /workspace), not $0); "
-    'start it again." >&2; exit 97; }; exec "$@"'
+    'for want in $0; do path=${want%=*}; got=$(stat -c %d:%i "$path"); '
+    '[ "$path=$got" = "$want" ] || { echo "codestation: $path was replaced while the session '
+    'started ($got, not ${want#*=}); start it again." >&2; exit 97; }; done; exec "$@"'
 )
 
 
@@ -60,7 +61,8 @@ def serve_command(
     hostname: str, port: int, workspace: Workspace, binary: str = "opencode"
 ) -> list[str]:
     """A sandbox's command: the workspace guard, then `opencode serve`."""
-    guard = ["sh", "-c", _GUARD, f"{workspace.device}:{workspace.inode}"]
+    pairs = " ".join(f"{path}={ids}" for path, ids in workspace.identities().items())
+    guard = ["sh", "-c", _GUARD, pairs]
     return [*guard, *serve_args(hostname, port, binary)]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -66,6 +66,23 @@ class EnvironmentProfile(BaseModel):
         "passed as OPENCODE_CONFIG_CONTENT.",
     )
     limits: Limits | None = Field(default=None, description="Unset: the service's limits.")
+    network: Literal["none", "egress", "full"] = Field(
+        default="egress",
+        description="What the agent may reach: none; egress (the outside world, never this host, "
+        "other sessions, link-local or private addresses but those in allow); full (anything "
+        "the host can reach, the host included: unsafe).",
+    )
+    allow: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Private or link-local networks (CIDR) that egress may reach, e.g. a "
+        "package mirror at 10.1.2.3/32. Never this host or other sessions.",
+    )
+    git_writable: bool = Field(
+        default=False,
+        description="Let the agent change the workspace's .git/config and .git/hooks. Risky: "
+        "both say what the user's own git runs on the host (core.fsmonitor, hooks), so the "
+        "agent could run code as the user outside its sandbox. Commits work either way.",
+    )
     idle_timeout: float | None = Field(
         default=None, ge=0, description="Unset: the service's idle_timeout."
     )

@@ -351,6 +351,8 @@ class SessionManager:
             workspace, self.settings.roots_for(caller.user), self.settings.reserved_dirs
         )
         try:
+            if not profile.git_writable:
+                opened.pin_git()
             session = self._record_start(caller, opened, runtime, environment, idle, age, limits)
         except BaseException:
             opened.close()

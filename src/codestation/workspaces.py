@@ -4,20 +4,44 @@ A workspace is resolved once, opened once (every component walked without follow
 symlink) and from then on known by that open directory, not by its name: the checks, the owner
 the agent runs as and the mount all see the same directory, even if someone swaps the path for
 a symlink while the sandbox is being prepared (which can take minutes).
+
+A git repository's `.git/config` and `.git/hooks` say what the user's own git runs, on the
+host, at their next `git status`: `core.fsmonitor`, hooks. So they are *pinned*: held open
+like the workspace, and mounted read-only over themselves in the sandbox, with the `.git`
+directory mounted over itself too (a mount point cannot be renamed or removed, so the agent
+cannot put a fresh `.git` in its place). The agent can still commit: objects, refs and the
+index stay writable.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from codestation.errors import WorkspaceRejected
 
 
 @dataclass
+class Pinned:
+    """A path inside the workspace that the sandbox mounts over itself, held open (O_PATH)."""
+
+    relative: str  # e.g. ".git/config"
+    fd: int
+    device: int
+    inode: int
+    read_only: bool
+
+    @property
+    def current_path(self) -> str:
+        return os.readlink(f"/proc/self/fd/{self.fd}")
+
+
+@dataclass
 class Workspace:
-    """An open directory: `fd` (O_PATH) holds it; `path` is where it was when it was checked."""
+    """An open directory: `fd` (O_PATH) holds it; `path` is where it was when it was checked.
+    `pinned`: what inside it the sandbox mounts over itself, parents first."""
 
     path: Path
     fd: int
@@ -25,13 +49,49 @@ class Workspace:
     gid: int
     device: int
     inode: int
+    pinned: list[Pinned] = field(default_factory=list)
 
     @property
     def current_path(self) -> str:
         """Where the directory is now (it follows a rename; never a symlink put in its place)."""
         return os.readlink(f"/proc/self/fd/{self.fd}")
 
+    def identities(self) -> dict[str, str]:
+        """`device:inode` of /workspace and of each pinned path, as the sandbox must see them."""
+        ids = {"/workspace": f"{self.device}:{self.inode}"}
+        for pin in self.pinned:
+            ids[f"/workspace/{pin.relative}"] = f"{pin.device}:{pin.inode}"
+        return ids
+
+    def pin_git(self) -> None:
+        """Pin `.git` (a directory, or the file a worktree has), its `config` and `hooks`.
+        Whatever is missing, or is a symlink, is left alone (a symlink is not followed)."""
+        git = self._open(self.fd, ".git", read_only=False)
+        if git is None:
+            return
+        if not stat.S_ISDIR(os.fstat(git.fd).st_mode):
+            git.read_only = True  # `gitdir: ...`: what it points to lies outside the sandbox
+            return
+        for name in ("config", "hooks"):
+            self._open(git.fd, name, read_only=True, under=".git/")
+
+    def _open(self, parent: int, name: str, *, read_only: bool, under: str = "") -> Pinned | None:
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent)
+        except FileNotFoundError:
+            return None
+        info = os.fstat(fd)
+        if stat.S_ISLNK(info.st_mode):
+            os.close(fd)
+            return None
+        pin = Pinned(under + name, fd, info.st_dev, info.st_ino, read_only)
+        self.pinned.append(pin)
+        return pin
+
     def close(self) -> None:
+        for pin in self.pinned:
+            os.close(pin.fd)
+        self.pinned = []
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

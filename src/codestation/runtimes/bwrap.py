@@ -151,6 +151,10 @@ class BwrapRuntime(Runtime):
             "--ro-bind", str(binary), BINARY_INSIDE,
             # By its descriptor: the directory that was checked, whatever its path names now.
             "--bind-fd", str(spec.workspace.fd), "/workspace",
+            *(arg for pin in spec.workspace.pinned for arg in (
+                "--ro-bind-fd" if pin.read_only else "--bind-fd", str(pin.fd),
+                f"/workspace/{pin.relative}",
+            )),
             "--proc", "/proc",
             "--dev", "/dev",
             "--perms", "1777", "--tmpfs", "/tmp",
@@ -203,7 +207,11 @@ class BwrapRuntime(Runtime):
                     stderr=subprocess.STDOUT,
                     env=env,
                     cwd="/",
-                    pass_fds=(status.fileno(), spec.workspace.fd),
+                    pass_fds=(
+                        status.fileno(),
+                        spec.workspace.fd,
+                        *(p.fd for p in spec.workspace.pinned),
+                    ),
                     start_new_session=True,  # outlives the service; one group to signal
                 )
             except OSError as exc:

@@ -6,6 +6,13 @@ dropped and no new privileges. Port 8080 inside is published on the leased host 
 container is named `codestation-<session id>` and labelled, so a session can be found again
 after a restart even if its state was never recorded.
 
+Networks (`network.py` says what each environment's `network` allows): `full` sessions sit
+on Docker's default bridge. `none` and `egress` sessions sit on a bridge of codestation's
+(`codestation-none`, `codestation-egress-<hash of allow>`) with inter-container traffic off,
+whose traffic the host's firewall filters: a chain per bridge in DOCKER-USER (what leaves
+for elsewhere) and CS-HOST in INPUT (nothing reaches the host itself, but answers to its own
+connections: the published port). The port stays published on the host's loopback.
+
 The Docker SDK is synchronous; calls run in worker threads.
 """
 
@@ -13,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -24,7 +33,7 @@ import requests.exceptions
 from docker.models.containers import Container
 from docker.types import Mount
 
-from codestation import agent
+from codestation import agent, network
 from codestation.config import EnvironmentProfile, Limits, Settings
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.image import ensure_image, image_tag
@@ -35,6 +44,7 @@ LABEL_SESSION = "codestation.session"
 LABEL_DATA_DIR = "codestation.data-dir"
 
 T = TypeVar("T")
+HOST_CHAIN = "CS-HOST"
 
 
 def container_name(session_id: str) -> str:
@@ -47,6 +57,8 @@ class DockerRuntime(Runtime):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._client: docker.DockerClient | None = None
+        self._network_lock = threading.Lock()
+        self._filled: set[str] = set()  # firewall chains written by this process
 
     @property
     def client(self) -> docker.DockerClient:
@@ -113,8 +125,62 @@ class DockerRuntime(Runtime):
     async def start(self, spec: LaunchSpec) -> State:
         return await self._call(self._start, spec)
 
+    def _network(self, profile: EnvironmentProfile) -> dict[str, Any]:
+        """`containers.run` arguments that put a session on its environment's network,
+        making the bridge and its firewall rules first if need be."""
+        if profile.network == "full":
+            return {}
+        if profile.network == "none":
+            name, bridge, chain = "codestation-none", "cs-none", "CS-NONE"
+        else:
+            key = hashlib.sha256(",".join(sorted(map(str, profile.allow))).encode()).hexdigest()
+            name, bridge, chain = (
+                f"codestation-egress-{key[:8]}",
+                f"cs-eg-{key[:8]}",
+                f"CS-EG-{key[:8]}",
+            )
+        with self._network_lock:
+            if chain not in self._filled:
+                network.restore(
+                    [
+                        "*filter", f":{chain} - [0:0]", f":{HOST_CHAIN} - [0:0]",
+                        *network.rules(chain, profile.network, profile.allow, version=4),
+                        *network.rules(HOST_CHAIN, "none", [], version=4, passed="ACCEPT"),
+                        "COMMIT",
+                    ],
+                    version=4,
+                )  # fmt: skip
+                self._filled.add(chain)
+            # Checked at every start: a reboot or a firewall reload drops them.
+            _jump("DOCKER-USER", bridge, chain)
+            _jump("INPUT", bridge, HOST_CHAIN)
+            try:
+                self.client.networks.get(name)
+            except docker.errors.NotFound:
+                try:
+                    self.client.networks.create(
+                        name,
+                        driver="bridge",
+                        check_duplicate=True,
+                        options={
+                            "com.docker.network.bridge.name": bridge,
+                            "com.docker.network.bridge.enable_icc": "false",
+                            "com.docker.network.bridge.enable_ip_masquerade": "true",
+                        },
+                        labels={LABEL_MANAGED: "true"},
+                    )
+                except docker.errors.APIError as exc:
+                    if exc.status_code != 409:  # 409: another service made it meanwhile
+                        raise
+        # With no DNS server reachable, a lookup fails in a second rather than ten.
+        return {
+            "network": name,
+            **({"dns_opt": ["timeout:1", "attempts:1"]} if profile.network == "none" else {}),
+        }
+
     def _start(self, spec: LaunchSpec) -> State:
         name = container_name(spec.session_id)
+        networking = self._network(spec.profile)
         try:
             container: Container = self.client.containers.run(
                 self.image_for(spec.profile),
@@ -128,7 +194,18 @@ class DockerRuntime(Runtime):
                 # Where the checked directory is now (it follows a rename, never a symlink put
                 # in its place); the engine mounts by path, so the command's guard checks it
                 # got that directory. A Mount, unlike `volumes`, never creates a missing source.
-                mounts=[Mount("/workspace", spec.workspace.current_path, type="bind")],
+                mounts=[
+                    Mount("/workspace", spec.workspace.current_path, type="bind"),
+                    *(
+                        Mount(
+                            f"/workspace/{pin.relative}",
+                            pin.current_path,
+                            type="bind",
+                            read_only=pin.read_only,
+                        )
+                        for pin in spec.workspace.pinned
+                    ),
+                ],
                 ports={f"{agent.CONTAINER_PORT}/tcp": (spec.address, spec.port)},
                 labels={
                     LABEL_MANAGED: "true",
@@ -137,6 +214,7 @@ class DockerRuntime(Runtime):
                 },
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
+                **networking,
                 **_limits(spec.limits),
             )
         except docker.errors.APIError as exc:
@@ -236,6 +314,24 @@ class DockerRuntime(Runtime):
     async def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _jump(chain: str, bridge: str, target: str) -> None:
+    """Make sure `chain` sends what comes in on `bridge` to `target`, first of all."""
+    rule = [chain, "-i", bridge, "-j", target]
+    if subprocess.run(["iptables", "-w", "-C", *rule], capture_output=True).returncode == 0:
+        return
+    added = subprocess.run(
+        ["iptables", "-w", "-I", chain, "1", "-i", bridge, "-j", target],
+        capture_output=True,
+        text=True,
+    )
+    if added.returncode != 0:
+        raise StartFailed(
+            f"the firewall rule that keeps sessions off the host could not be added "
+            f"({added.stderr.strip()}); codestation must run as root for network none or "
+            "egress, or set the environment's network to full (unsafe)."
+        )
 
 
 def _limits(limits: Limits) -> dict[str, Any]:
