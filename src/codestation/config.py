@@ -30,8 +30,9 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Limits(BaseModel):
-    """What one session may use; unset means no limit. The Docker runtime applies them;
-    bubblewrap cannot (it has no cgroup of its own) and says so in the session's `limits`."""
+    """What one session may use; unset means no limit. Docker applies them all; bubblewrap
+    applies memory, cpus and pids through a cgroup of the session's own when codestation runs
+    as root (else none of those), and tmp always. A session's `limits` show what applies."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +41,12 @@ class Limits(BaseModel):
     )
     cpus: float | None = Field(default=2.0, gt=0, description="CPUs, e.g. 1.5.")
     pids: int | None = Field(default=1024, gt=0, description="Processes and threads.")
+    tmp: str | None = Field(
+        default="1g",
+        pattern=r"^\d+[bkmg]?$",
+        description="Size of the sandbox's /tmp (also its HOME), held in memory: it counts "
+        "against memory, so keep it well below.",
+    )
 
 
 class EnvironmentProfile(BaseModel):

@@ -2,14 +2,17 @@
 
 What the agent sees: /usr and /etc read-only, the OpenCode binary read-only at
 /opt/opencode/bin/opencode, the workspace read-write at /workspace (its working directory),
-a private /tmp (also its HOME), its own /proc and /dev. Nothing else of the host: not the
-user's home, not other workspaces, not codestation's data directory. It has its own PID, IPC
-and UTS namespaces and no new privileges (bwrap sets PR_SET_NO_NEW_PRIVS). Unlike Docker it
-shares the host's network: OpenCode listens on the publish address and the leased port itself.
+a private /tmp of `limits.tmp` bytes (also its HOME), its own /proc and /dev. Nothing else
+of the host: not the user's home, not other workspaces, not codestation's data directory.
+It has its own PID, IPC and UTS namespaces and no new privileges (bwrap sets
+PR_SET_NO_NEW_PRIVS). Unlike Docker it shares the host's network: OpenCode listens on the
+publish address and the leased port itself.
 
 It runs as the workspace owner's uid:gid, with no capabilities, when the service runs as root
 (bwrap sets up the mounts as root, `setpriv` inside switches user); else as the service's own
-user, in a user namespace bwrap makes.
+user, in a user namespace bwrap makes. As root, the sandbox also runs in cgroups of its own
+(`cgroups.py`) that hold it to `limits` (memory, cpus, pids); an OOM kill fails the session
+saying so, as Docker's does.
 
 Sessions outlive the service: bwrap is started in a session of its own, and its pid and
 start time are kept (in the state and in `run/<id>.json` under the data directory), so the
@@ -32,7 +35,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from codestation import agent
+from codestation import agent, cgroups
+from codestation.cgroups import Cgroups
 from codestation.config import EnvironmentProfile, Limits, Settings
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
@@ -87,6 +91,7 @@ class BwrapRuntime(Runtime):
         self.log_dir = settings.data_dir / "logs"
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._sandboxes_work = False  # proved once by `check`; the kernel does not change
+        self._cgroups: Cgroups | None = Cgroups.find()
 
     def _bwrap(self) -> str:
         found = shutil.which("bwrap")
@@ -101,7 +106,11 @@ class BwrapRuntime(Runtime):
         return port  # the host's network: it listens on the leased port itself
 
     def enforced(self, limits: Limits) -> dict[str, Any]:
-        return {}  # no cgroup of its own to limit; documented
+        applied = {"tmp": limits.tmp} if limits.tmp else {}
+        if self._cgroups is None:
+            return applied  # not root, or no cgroup controllers: documented
+        wanted = {"memory": limits.memory, "cpus": limits.cpus, "pids": limits.pids}
+        return {**{k: v for k, v in wanted.items() if v is not None}, **applied}
 
     async def check(self) -> None:
         bwrap = self._bwrap()
@@ -157,7 +166,9 @@ class BwrapRuntime(Runtime):
             )),
             "--proc", "/proc",
             "--dev", "/dev",
-            "--perms", "1777", "--tmpfs", "/tmp",
+            "--perms", "1777",
+            *(["--size", str(cgroups.size_bytes(spec.limits.tmp))] if spec.limits.tmp else []),
+            "--tmpfs", "/tmp",
             "--chdir", "/workspace",
             "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--hostname", f"codestation-{spec.session_id}",
@@ -198,10 +209,12 @@ class BwrapRuntime(Runtime):
             "TERM": "xterm-256color",
             **spec.env,
         }
+        made = self._cgroups.create(spec.session_id, spec.limits) if self._cgroups else []
         with log_path.open("ab") as log, status_path.open("wb") as status:
+            argv = self._argv(spec, binary, status.fileno())
             try:
                 child = subprocess.Popen(
-                    self._argv(spec, binary, status.fileno()),
+                    cgroups.enter_command(made, argv) if made else argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -215,9 +228,10 @@ class BwrapRuntime(Runtime):
                     start_new_session=True,  # outlives the service; one group to signal
                 )
             except OSError as exc:
+                cgroups.remove(made)
                 raise StartFailed(f"bubblewrap could not be started: {exc}") from exc
         started = _start_time(child.pid)
-        state: State = {"pid": child.pid, "start_time": started}
+        state: State = {"pid": child.pid, "start_time": started, "cgroups": list(map(str, made))}
         self._children[spec.session_id] = child
         (self.run_dir / f"{spec.session_id}.json").write_text(json.dumps(state))
         return state
@@ -262,11 +276,13 @@ class BwrapRuntime(Runtime):
             return None
         child = self._children.get(session_id)
         code = child.returncode if child is not None else self._exit_code(session_id)
+        oom = cgroups.oom_killed([Path(p) for p in state.get("cgroups", [])])
+        said = " (out of memory)" if oom else ""
         if code is None:
-            return Exit(reason="its process is gone")
+            return Exit(reason=f"its process is gone{said}", oom_killed=oom)
         if code < 0:
-            return Exit(reason=f"OpenCode was killed by signal {-code}", code=128 - code)
-        return Exit(reason=f"OpenCode exited with status {code}", code=code)
+            return Exit(f"OpenCode was killed by signal {-code}{said}", 128 - code, oom)
+        return Exit(reason=f"OpenCode exited with status {code}{said}", code=code, oom_killed=oom)
 
     def _exit_code(self, session_id: str) -> int | None:
         try:
@@ -291,6 +307,7 @@ class BwrapRuntime(Runtime):
         child = self._children.pop(session_id, None)
         if child is not None:
             child.wait()
+        await asyncio.to_thread(cgroups.remove, [Path(p) for p in state.get("cgroups", [])])
         log_path = self.log_dir / f"{session_id}.log"
         tail = _tail(log_path, self.settings.log_tail_lines)
         for path in (

@@ -343,6 +343,8 @@ def _limits(limits: Limits) -> dict[str, Any]:
         args["nano_cpus"] = int(limits.cpus * 1e9)
     if limits.pids is not None:
         args["pids_limit"] = limits.pids
+    if limits.tmp is not None:  # else /tmp is the container's own layer: disk, unbounded
+        args["tmpfs"] = {"/tmp": f"rw,exec,nosuid,nodev,mode=1777,size={limits.tmp}"}
     return args
 
 
