@@ -25,7 +25,7 @@ def applied(runtime: str, session: SessionInfo) -> dict[str, object]:
             "tmp": host["Tmpfs"]["/tmp"].rsplit("size=", 1)[1],
         }
     groups = dict(
-        line.split(":", 2)[1:]  # type: ignore[misc]
+        line.split(":", 2)[1:]
         for line in Path(f"/proc/{agent_pid(session)}/cgroup").read_text().splitlines()
     )
 
