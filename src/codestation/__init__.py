@@ -13,6 +13,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 from codestation.client import Client
 from codestation.config import EnvironmentProfile, Settings, UserProfile
 from codestation.errors import (
+    AtCapacity,
     BadRequest,
     CodestationError,
     CsrfFailed,
@@ -33,6 +34,7 @@ from codestation.schemas import SessionInfo
 from codestation.sessions import Status
 
 __all__ = [
+    "AtCapacity",
     "BadRequest",
     "Client",
     "CodestationError",

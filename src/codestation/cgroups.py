@@ -26,17 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from codestation.config import Limits
+from codestation.config import Limits, size_bytes
 
 CONTROLLERS = ("memory", "cpu", "pids")
 PERIOD_US = 100_000
-_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def size_bytes(text: str) -> int:
-    """`512m`, `4g`, `1024` as bytes."""
-    unit = text[-1].lower()
-    return int(text[:-1]) * _UNITS[unit] if unit in _UNITS else int(text)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,14 @@ DEFAULT_CONFIG_FILE = Path("~/.config/codestation/config.toml")
 # A user name is put into paths (`/home/{user}`) and host-only cookies: keep it to a Unix name.
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+SIZE = r"^\d+[bkmg]?$"
+_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def size_bytes(text: str) -> int:
+    """A size as settings write it (`512m`, `4g`, `1024`) in bytes."""
+    unit = text[-1].lower()
+    return int(text[:-1]) * _UNITS[unit] if unit in _UNITS else int(text)
 
 
 class Limits(BaseModel):
@@ -36,14 +44,12 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    memory: str | None = Field(
-        default="4g", pattern=r"^\d+[bkmg]?$", description="Memory, e.g. 512m or 4g."
-    )
+    memory: str | None = Field(default="4g", pattern=SIZE, description="Memory, e.g. 512m or 4g.")
     cpus: float | None = Field(default=2.0, gt=0, description="CPUs, e.g. 1.5.")
     pids: int | None = Field(default=1024, gt=0, description="Processes and threads.")
     tmp: str | None = Field(
         default="1g",
-        pattern=r"^\d+[bkmg]?$",
+        pattern=SIZE,
         description="Size of the sandbox's /tmp (also its HOME), held in memory: it counts "
         "against memory, so keep it well below.",
     )
@@ -169,6 +175,18 @@ class Settings(BaseSettings):
     )
     users: dict[str, UserProfile] = Field(
         default_factory=dict, description="Per-user settings, by codestation user name."
+    )
+    max_live_sessions: int = Field(
+        default=100, ge=1, description="Live sessions at once, of everyone; more get 503."
+    )
+    memory_budget: str | None = Field(
+        default=None,
+        pattern=SIZE,
+        description="Memory that live sessions' limits may add up to (e.g. 20g); a start that "
+        "would pass it gets 503. Unset: the host's memory less memory_reserve.",
+    )
+    memory_reserve: str = Field(
+        default="2g", pattern=SIZE, description="Memory kept for the host and the service."
     )
     max_sessions_per_user: int = Field(
         default=10, ge=1, description="Live sessions one user may have at once."

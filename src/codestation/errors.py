@@ -13,6 +13,7 @@
     ├── TooManySessions               429 too_many_sessions
     ├── Unavailable                   503 unavailable
     │   ├── NoFreePort                503 no_free_port
+    │   ├── AtCapacity                503 capacity            (the host is full)
     │   └── RuntimeUnavailable        503 runtime_unavailable
     └── StartFailed                   (a session's failure reason, never an HTTP answer)
         ├── StartTimeout
@@ -86,6 +87,10 @@ class Unavailable(CodestationError):
 
 class NoFreePort(Unavailable):
     code = "no_free_port"
+
+
+class AtCapacity(Unavailable):
+    code = "capacity"
 
 
 class RuntimeUnavailable(Unavailable):

@@ -25,15 +25,17 @@ import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import SecretStr
 
 from codestation import agent
-from codestation.config import Limits, Settings
+from codestation.config import Limits, Settings, size_bytes
 from codestation.errors import (
     AgentExited,
+    AtCapacity,
     BadRequest,
     CodestationError,
     Forbidden,
@@ -47,7 +49,7 @@ from codestation.identity import Caller
 from codestation.ports import PortAllocator
 from codestation.runtimes import LaunchSpec, Runtime, State, choose_runtime
 from codestation.sessions import Session, Status, new_session_id, now
-from codestation.store import LimitReached, Store
+from codestation.store import Full, LimitReached, Quota, Store
 from codestation.workspaces import Workspace, check_owner, open_workspace
 
 log = logging.getLogger("codestation")
@@ -64,6 +66,7 @@ class SessionManager:
         self.store = store
         self.runtimes = runtimes
         self.default_runtime = ""  # chosen by `open`
+        self.memory_budget = _memory_budget(settings)
         self.ports = PortAllocator(
             store, settings.port_range_start, settings.port_range_end, settings.publish_address
         )
@@ -395,6 +398,16 @@ class SessionManager:
         password = SecretStr(secrets.token_urlsafe(24))
         session_id = new_session_id()
         most = self.settings.max_sessions(caller.user)
+        quota = Quota(
+            per_owner=most, sessions=self.settings.max_live_sessions, memory=self.memory_budget
+        )
+        memory = size_bytes(limits.memory) if limits.memory else 0
+        if memory > self.memory_budget:
+            raise BadRequest(
+                f"environment {environment!r} asks for {limits.memory} of memory per session, "
+                f"more than the whole memory budget ({_gib(self.memory_budget)}); lower its "
+                "limits.memory or raise memory_budget."
+            )
         try:
             return self.ports.lease(
                 lambda port: Session(
@@ -412,14 +425,36 @@ class SessionManager:
                     max_age=age,
                     limits=runtime.enforced(limits),
                     owner=caller.user,
+                    memory=memory,
                 ),
-                max_live=most,
+                quota,
             )
         except LimitReached:
             raise TooManySessions(
                 f"you have {most} live sessions, as many as you may; stop one "
                 "(POST /api/v1/code/session/<id>/stop) before starting another."
             ) from None
+        except Full as full:
+            if full.what == "sessions":
+                said = f"{full.used} sessions are live, as many as it may run (max_live_sessions)"
+            else:
+                said = (
+                    f"live sessions reserve {_gib(full.used)} of its {_gib(full.most)} memory "
+                    f"budget and this one would take {limits.memory} more (memory_budget)"
+                )
+            raise AtCapacity(
+                f"this host is full: {said}. Stop a session, or try again later."
+            ) from None
+
+    def capacity(self) -> dict[str, int]:
+        """What the service may run, and what its live sessions take of it."""
+        live, reserved = self.store.usage()
+        return {
+            "sessions": live,
+            "max_sessions": self.settings.max_live_sessions,
+            "memory_reserved": reserved,
+            "memory_budget": self.memory_budget,
+        }
 
     def _uid_of(self, user: str) -> int | None:
         """The Unix uid whose workspaces `user` may start sessions on."""
@@ -664,6 +699,21 @@ async def _each(items: Iterable[T], work: Callable[[T], Awaitable[object]], fail
     for item, result in zip(items, results, strict=True):
         if isinstance(result, Exception):
             log.warning("%s %s: %s", failure, getattr(item, "id", item), result)
+
+
+def _memory_budget(settings: Settings) -> int:
+    """`memory_budget`, or else the host's memory less `memory_reserve`."""
+    if settings.memory_budget is not None:
+        return size_bytes(settings.memory_budget)
+    total = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            total = int(line.split()[1]) * 1024
+    return max(total - size_bytes(settings.memory_reserve), 0)
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GiB"
 
 
 def _bounded(

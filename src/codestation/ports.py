@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 from codestation.errors import NoFreePort
 from codestation.sessions import Session
-from codestation.store import PortTaken, Store
+from codestation.store import PortTaken, Quota, Store
 
 
 def port_is_free(address: str, port: int) -> bool:
@@ -44,13 +44,13 @@ class PortAllocator:
             if port not in leased and port_is_free(self.address, port):
                 yield port
 
-    def lease(self, make_session: Callable[[int], Session], max_live: int | None = None) -> Session:
+    def lease(self, make_session: Callable[[int], Session], quota: Quota | None = None) -> Session:
         """Record `make_session(port)` in the store with the first port that can be had
-        (LimitReached if its owner has `max_live` live sessions already)."""
+        (LimitReached or Full if it does not fit in `quota`)."""
         for port in self.candidates():
             session = make_session(port)
             try:
-                self.store.create(session, max_live)
+                self.store.create(session, quota)
             except PortTaken:
                 continue
             return session

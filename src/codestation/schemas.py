@@ -111,10 +111,18 @@ class ErrorBody(BaseModel):
     code: str = Field(description="A stable machine-readable code, e.g. workspace_rejected.")
 
 
+class Capacity(BaseModel):
+    sessions: int = Field(description="Live sessions now.")
+    max_sessions: int = Field(description="Live sessions the service may run (max_live_sessions).")
+    memory_reserved: int = Field(description="Bytes of memory live sessions' limits reserve.")
+    memory_budget: int = Field(description="Bytes those limits may add up to (memory_budget).")
+
+
 class Health(BaseModel):
     ok: bool
     runtime: str
     version: str
+    capacity: Capacity
 
 
 class EnvironmentInfo(BaseModel):

@@ -88,6 +88,7 @@ class Session:
     last_activity: datetime | None = None
     limits: dict[str, Any] = field(default_factory=dict)  # what its runtime enforces
     owner: str = ""  # the user who started it; "" for sessions older than accounts: admins'
+    memory: int = 0  # bytes of the service's memory budget it reserves (its memory limit)
 
     def due(self, at: datetime) -> str | None:
         """Why a running session should be culled at `at` (`max_age`, `idle`), or None."""

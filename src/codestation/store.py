@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -83,6 +83,25 @@ class LimitReached(Exception):
     """The session's owner has as many live sessions as they may (raised by `Store.create`)."""
 
 
+class Full(Exception):
+    """The service has as many live sessions, or as much memory reserved, as it may (raised by
+    `Store.create`): `what` is "sessions" or "memory", with what is used and the most."""
+
+    def __init__(self, what: str, used: int, most: int) -> None:
+        super().__init__(what, used, most)
+        self.what, self.used, self.most = what, used, most
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What a new live session must fit in, counted in the transaction that records it, so
+    concurrent starts cannot overshoot. None: no limit."""
+
+    per_owner: int | None = None  # live sessions of one owner
+    sessions: int | None = None  # live sessions of everyone
+    memory: int | None = None  # bytes of memory that live sessions reserve, together
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,18 +139,25 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
-    def create(self, session: Session, max_live: int | None = None) -> None:
+    def create(self, session: Session, quota: Quota | None = None) -> None:
         """Record a new live session and lease its port, or raise PortTaken; or LimitReached
-        if its owner already has `max_live` live sessions (counted in the same transaction,
-        so concurrent starts cannot overshoot)."""
+        or Full if it does not fit in `quota`."""
         row = _to_row(session)
+        quota = quota or Quota()
         with self._transaction() as db:
-            if max_live is not None:
+            if quota.per_owner is not None:
                 (live,) = db.execute(
                     f"SELECT COUNT(*) FROM sessions WHERE owner = ? AND {_LIVE}", (session.owner,)
                 ).fetchone()
-                if live >= max_live:
+                if live >= quota.per_owner:
                     raise LimitReached(live)
+            count, reserved = db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(memory), 0) FROM sessions WHERE {_LIVE}"
+            ).fetchone()
+            if quota.sessions is not None and count >= quota.sessions:
+                raise Full("sessions", count, quota.sessions)
+            if quota.memory is not None and reserved + session.memory > quota.memory:
+                raise Full("memory", reserved, quota.memory)
             db.execute(
                 f"INSERT INTO sessions ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
@@ -185,6 +211,14 @@ class Store:
                     self._unreadable.add(row[0])
                     log.warning("session %s in the store cannot be read, left out: %s", row[0], exc)
         return sessions
+
+    def usage(self) -> tuple[int, int]:
+        """How many sessions are live, and the bytes of memory they reserve."""
+        with self._lock:
+            count, memory = self._db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(memory), 0) FROM sessions WHERE {_LIVE}"
+            ).fetchone()
+        return int(count), int(memory)
 
     def leased_ports(self) -> dict[int, str]:
         with self._lock:

@@ -112,7 +112,7 @@ def test_a_store_from_an_older_version_gains_new_columns(tmp_path: Path) -> None
 def test_the_live_limit_per_owner_holds_under_concurrent_starts(tmp_path: Path) -> None:
     import threading
 
-    from codestation.store import LimitReached
+    from codestation.store import LimitReached, Quota
 
     path = tmp_path / "codestation.db"
     Store(path).close()
@@ -121,7 +121,7 @@ def test_the_live_limit_per_owner_holds_under_concurrent_starts(tmp_path: Path) 
     def start(port: int) -> None:
         store = Store(path)  # a connection each, as separate processes would have
         try:
-            store.create(make_session(port, owner="alice"), max_live=3)
+            store.create(make_session(port, owner="alice"), Quota(per_owner=3))
             results.append("created")
         except LimitReached:
             results.append("refused")
@@ -136,10 +136,28 @@ def test_the_live_limit_per_owner_holds_under_concurrent_starts(tmp_path: Path) 
     assert results.count("created") == 3
     store = Store(path)
     assert len(store.list(live_only=True)) == 3
-    store.create(make_session(31100, owner="bob"), max_live=3)  # others are not counted
+    store.create(make_session(31100, owner="bob"), Quota(per_owner=3))  # others are not counted
 
 
 def test_a_session_never_prints_its_password() -> None:
     s = make(30000)
     assert "secret" not in repr(s)
     assert "secret" not in str(s)
+
+
+def test_the_quota_of_everyone_counts_sessions_and_memory(tmp_path: Path) -> None:
+    from codestation.store import Full, Quota
+
+    store = Store(tmp_path / "db.sqlite")
+    quota = Quota(sessions=3, memory=10)
+    store.create(replace(make_session(31000, owner="a"), memory=4), quota)
+    store.create(replace(make_session(31001, owner="b"), memory=4), quota)
+    with pytest.raises(Full) as too_much:
+        store.create(replace(make_session(31002, owner="c"), memory=4), quota)
+    assert (too_much.value.what, too_much.value.used, too_much.value.most) == ("memory", 8, 10)
+    store.create(replace(make_session(31003, owner="c"), memory=2), quota)
+    with pytest.raises(Full) as too_many:
+        store.create(replace(make_session(31004, owner="d"), memory=0), quota)
+    assert too_many.value.what == "sessions"
+    assert store.usage() == (3, 10)
+    assert len(store.list()) == 3  # nothing half-made

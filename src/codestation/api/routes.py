@@ -23,6 +23,7 @@ from codestation.identity import Caller
 from codestation.manager import SessionManager
 from codestation.schemas import (
     Auth,
+    Capacity,
     EnvironmentInfo,
     EnvironmentList,
     ErrorBody,
@@ -253,7 +254,12 @@ async def stop_all(
 
 @router.get("/healthz", response_model=Health, tags=["service"])
 async def healthz(manager: Manager) -> Health:
-    return Health(ok=True, runtime=manager.default_runtime, version=__version__)
+    return Health(
+        ok=True,
+        runtime=manager.default_runtime,
+        version=__version__,
+        capacity=Capacity(**manager.capacity()),
+    )
 
 
 router.include_router(code)

@@ -37,7 +37,7 @@ from typing import Any
 
 from codestation import agent, cgroups
 from codestation.cgroups import Cgroups
-from codestation.config import EnvironmentProfile, Limits, Settings
+from codestation.config import EnvironmentProfile, Limits, Settings, size_bytes
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
 
@@ -167,7 +167,7 @@ class BwrapRuntime(Runtime):
             "--proc", "/proc",
             "--dev", "/dev",
             "--perms", "1777",
-            *(["--size", str(cgroups.size_bytes(spec.limits.tmp))] if spec.limits.tmp else []),
+            *(["--size", str(size_bytes(spec.limits.tmp))] if spec.limits.tmp else []),
             "--tmpfs", "/tmp",
             "--chdir", "/workspace",
             "--unshare-pid", "--unshare-ipc", "--unshare-uts",

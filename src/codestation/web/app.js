@@ -157,6 +157,12 @@ async function submitStart(event) {
   }
 }
 
+function showCapacity(c) {
+  const gib = (bytes) => (bytes / 2 ** 30).toFixed(1);
+  $("capacity").textContent =
+    `${c.sessions} of ${c.max_sessions} sessions · ${gib(c.memory_reserved)} of ${gib(c.memory_budget)} GiB reserved`;
+}
+
 async function logout() {
   await call("POST", "/logout", undefined, "");
   location.assign("/login");
@@ -169,6 +175,8 @@ async function main() {
     call("GET", "/environments"),
   ]);
   $("runtime").textContent = `sessions run in ${health.runtime}`;
+  showCapacity(health.capacity);
+  setInterval(async () => showCapacity((await fetch("/healthz").then((r) => r.json())).capacity), 5000);
   $("who").textContent = me.admin ? `${me.user} (admin)` : me.user;
   $("logout").onclick = logout;
   $("environment").replaceChildren(
