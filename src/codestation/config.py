@@ -236,6 +236,18 @@ class Settings(BaseSettings):
         default=None, description="Mirror for debootstrap; defaults to the one apt uses."
     )
     log_tail_lines: int = Field(default=40, ge=1, le=10000)
+    log_max_size: str = Field(
+        default="10m",
+        pattern=SIZE,
+        description="Size a session's log may grow to; then its older half is dropped (Docker: "
+        "the engine rotates at this size, keeping one file before).",
+    )
+    max_streams_per_user: int = Field(
+        default=16, ge=1, description="Event streams and followed logs one user may hold open."
+    )
+    max_streams: int = Field(
+        default=256, ge=1, description="Event streams and followed logs open at once, of everyone."
+    )
     limits: Limits = Field(default_factory=Limits)
     idle_timeout: float = Field(
         default=3600,

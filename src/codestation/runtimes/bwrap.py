@@ -18,7 +18,9 @@ Sessions outlive the service: bwrap is started in a session of its own, and its 
 start time are kept (in the state and in `run/<id>.json` under the data directory), so the
 next service re-adopts it, or ends it; bwrap writes its exit status to `run/<id>.status`,
 which tells how a session ended even when the service that started it is gone. OpenCode's
-output goes to `logs/<id>.log`.
+output goes to `logs/<id>.log`, which the sandbox writes in append mode: once it passes
+`log_max_size`, `poll` moves its content to `logs/<id>.log.1` and empties it, and the
+sandbox's next line lands at its new end.
 """
 
 from __future__ import annotations
@@ -75,11 +77,32 @@ def _group_runs(pgid: int) -> bool:
 
 
 def _tail(path: Path, lines: int) -> str:
+    """The last `lines` lines of the log at `path`, its rotated part included."""
+    kept: collections.deque[str] = collections.deque(maxlen=lines)
+    for part in (path.with_name(path.name + ".1"), path):
+        try:
+            with part.open("r", errors="replace") as f:
+                kept.extend(f)
+        except FileNotFoundError:
+            continue
+    return "".join(kept)
+
+
+def _rotate(path: Path, most: int) -> None:
+    """Past `most` bytes, move the log's last `most` bytes to `<log>.1` (replacing the one
+    before) and empty it. The writer appends, so it goes on at the new end; a line written
+    between the copy and the truncation is lost, as with logrotate's copytruncate."""
     try:
-        with path.open("r", errors="replace") as f:
-            return "".join(collections.deque(f, maxlen=lines))
+        with path.open("rb") as log:
+            size = os.fstat(log.fileno()).st_size
+            if size <= most:
+                return
+            log.seek(size - most)
+            log.readline()  # from a line's start
+            path.with_name(path.name + ".1").write_bytes(log.read(most))
+        os.truncate(path, 0)
     except FileNotFoundError:
-        return ""
+        return
 
 
 class BwrapRuntime(Runtime):
@@ -273,6 +296,8 @@ class BwrapRuntime(Runtime):
         if not state:
             return Exit(reason="its sandbox was never started")
         if self._alive(session_id, state):
+            # Called every watch_interval while the session runs: the time to keep its log small.
+            _rotate(self.log_dir / f"{session_id}.log", size_bytes(self.settings.log_max_size))
             return None
         child = self._children.get(session_id)
         code = child.returncode if child is not None else self._exit_code(session_id)
@@ -312,6 +337,7 @@ class BwrapRuntime(Runtime):
         tail = _tail(log_path, self.settings.log_tail_lines)
         for path in (
             log_path,
+            log_path.with_name(log_path.name + ".1"),
             self.run_dir / f"{session_id}.json",
             self.run_dir / f"{session_id}.status",
         ):
@@ -349,6 +375,9 @@ class BwrapRuntime(Runtime):
                 chunk = f.read(65536)
                 if chunk:
                     yield chunk
+                    continue
+                if os.fstat(f.fileno()).st_size < f.tell():
+                    f.seek(0)  # rotated: what comes next is at the start again
                     continue
                 if not state or not self._alive(session_id, state):
                     return

@@ -31,7 +31,7 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
-from docker.types import Mount
+from docker.types import LogConfig, Mount
 
 from codestation import agent, network
 from codestation.config import EnvironmentProfile, Limits, Settings
@@ -212,6 +212,10 @@ class DockerRuntime(Runtime):
                     LABEL_SESSION: spec.session_id,
                     LABEL_DATA_DIR: str(self.settings.data_dir),
                 },
+                log_config=LogConfig(
+                    type=LogConfig.types.JSON,
+                    config={"max-size": self.settings.log_max_size, "max-file": "2"},
+                ),
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
                 **networking,
