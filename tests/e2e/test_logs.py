@@ -54,5 +54,4 @@ def test_the_log_stays_within_log_max_size(
         seen += chunk
         if "final line 0" in seen:
             break
-    follower.close()
     service.client.stop(session.id)
