@@ -11,6 +11,7 @@
     │   └── CsrfFailed                403 csrf_failed
     ├── PayloadTooLarge               413 payload_too_large
     ├── TooManySessions               429 too_many_sessions
+    ├── TooManyStreams                429 too_many_streams    (event streams, followed logs)
     ├── Unavailable                   503 unavailable
     │   ├── NoFreePort                503 no_free_port
     │   ├── AtCapacity                503 capacity            (the host is full)
@@ -78,6 +79,11 @@ class PayloadTooLarge(CodestationError):
 class TooManySessions(CodestationError):
     status_code = 429
     code = "too_many_sessions"
+
+
+class TooManyStreams(CodestationError):
+    status_code = 429
+    code = "too_many_streams"
 
 
 class Unavailable(CodestationError):

@@ -18,6 +18,7 @@ launched is recorded first, and the stop removes it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import pwd
@@ -43,6 +44,7 @@ from codestation.errors import (
     SessionNotFound,
     StartTimeout,
     TooManySessions,
+    TooManyStreams,
     UnknownEnvironment,
 )
 from codestation.identity import Caller
@@ -57,6 +59,7 @@ log = logging.getLogger("codestation")
 T = TypeVar("T")
 
 PROBE_INTERVAL = 0.1
+EVENTS_BUFFERED = 256  # changes a subscriber may fall behind by before it is dropped
 PROBE_TIMEOUT = 1.0
 
 
@@ -79,7 +82,8 @@ class SessionManager:
         self._unpollable: set[str] = set()
         self._stopping: set[str] = set()  # ids inside `_stop` right now
         self._sweep: set[str] = set()  # runtimes that may hold sandboxes no record knows
-        self._subscribers: dict[asyncio.Queue[tuple[str, Session]], Caller] = {}
+        self._subscribers: dict[asyncio.Queue[tuple[str, Session | None]], Caller] = {}
+        self._streams: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle of the manager itself ---------------------------------------------------
 
@@ -647,21 +651,55 @@ class SessionManager:
 
     # -- changes, as a stream -------------------------------------------------------------
 
-    def subscribe(self, caller: Caller) -> asyncio.Queue[tuple[str, Session]]:
+    def open_stream(self, caller: Caller) -> Callable[[], None]:
+        """Count one more long-lived stream of `caller`'s (an event stream, a followed log),
+        or raise TooManyStreams; call what it returns to let it go (twice is harmless)."""
+        if self._streams[caller.user] >= self.settings.max_streams_per_user:
+            raise TooManyStreams(
+                f"you have {self._streams[caller.user]} event streams and followed logs open, "
+                "as many as you may (max_streams_per_user); close one (a tab, a `logs -f`)."
+            )
+        if self._streams.total() >= self.settings.max_streams:
+            raise TooManyStreams(
+                f"{self._streams.total()} event streams and followed logs are open, as many as "
+                "this service holds (max_streams); try again later."
+            )
+        self._streams[caller.user] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._streams[caller.user] -= 1
+                if self._streams[caller.user] <= 0:
+                    del self._streams[caller.user]
+
+        return release
+
+    def subscribe(self, caller: Caller) -> asyncio.Queue[tuple[str, Session | None]]:
         """A queue of every change to a session `caller` may see, from now on: ("session",
-        the session as saved) or ("deleted", the session as it was). Give it back with
-        `unsubscribe`."""
-        queue: asyncio.Queue[tuple[str, Session]] = asyncio.Queue()
+        the session as saved) or ("deleted", the session as it was). A subscriber that falls
+        `EVENTS_BUFFERED` changes behind is dropped: its queue then holds ("dropped", None)
+        alone, and it should start again from a fresh list. Give it back with `unsubscribe`."""
+        queue: asyncio.Queue[tuple[str, Session | None]] = asyncio.Queue(EVENTS_BUFFERED)
         self._subscribers[queue] = caller
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[tuple[str, Session]]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[tuple[str, Session | None]]) -> None:
         self._subscribers.pop(queue, None)
 
     def _publish(self, kind: str, session: Session) -> None:
-        for queue, caller in self._subscribers.items():
-            if caller.sees(session.owner):
+        for queue, caller in list(self._subscribers.items()):
+            if not caller.sees(session.owner):
+                continue
+            try:
                 queue.put_nowait((kind, session))
+            except asyncio.QueueFull:  # a slow reader: drop it rather than hold all it missed
+                self.unsubscribe(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(("dropped", None))
 
     def _save(self, session: Session) -> None:
         self.store.save(session)

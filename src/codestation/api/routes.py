@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from websockets.exceptions import ConnectionClosed
 
 from codestation import __version__
@@ -144,7 +145,7 @@ async def session(session_id: str, manager: Manager, who: CallerDep) -> SessionI
     return info(manager, found)
 
 
-@code.get("/session/{session_id}/logs", response_class=PlainTextResponse)
+@code.get("/session/{session_id}/logs", response_class=PlainTextResponse, responses=errors(429))
 async def logs(
     session_id: str,
     manager: Manager,
@@ -154,17 +155,32 @@ async def logs(
 ) -> Response:
     """The agent's output (OpenCode's log); a stopped session keeps its last lines."""
     manager.touch(manager.get(who, session_id))  # and a 404 before a stream begins
-    if follow:
-        return StreamingResponse(manager.follow(who, session_id, tail), media_type="text/plain")
-    return PlainTextResponse(await manager.logs(who, session_id, tail))
+    if not follow:
+        return PlainTextResponse(await manager.logs(who, session_id, tail))
+    release = manager.open_stream(who)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in manager.follow(who, session_id, tail):
+                yield chunk
+        finally:
+            release()
+
+    # The background task lets the stream go even if the client left before it began.
+    return StreamingResponse(stream(), media_type="text/plain", background=BackgroundTask(release))
 
 
-@code.get("/events", response_class=StreamingResponse)
+@code.get("/events", response_class=StreamingResponse, responses=errors(429))
 async def events(manager: Manager, who: CallerDep) -> StreamingResponse:
     """Server-sent events about your sessions (an admin's: everyone's): first `snapshot`,
     then `session` (one changed, in full) and `deleted` (`{"id": ...}`) as they happen; a
     comment every 15 s keeps it open."""
+    release = manager.open_stream(who)
     queue = manager.subscribe(who)
+
+    def done() -> None:
+        manager.unsubscribe(queue)
+        release()
 
     async def stream() -> AsyncIterator[str]:
         try:
@@ -176,17 +192,20 @@ async def events(manager: Manager, who: CallerDep) -> StreamingResponse:
                 except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
+                if item is None:  # dropped for falling behind: the client starts again
+                    return
                 if kind == "deleted":
                     yield _sse(kind, json.dumps({"id": item.id}))
                 else:
                     yield _sse(kind, info(manager, item).model_dump_json())
         finally:
-            manager.unsubscribe(queue)
+            done()
 
     return StreamingResponse(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(done),
     )
 
 

@@ -354,23 +354,35 @@ def _limits(limits: Limits) -> dict[str, Any]:
 
 async def _pumped(stream: Any, name: str) -> AsyncIterator[Any]:
     """The items of one of the SDK's blocking streams (a followed log, the event feed), read
-    in a thread of its own, since it may stay open for hours; closed when the caller stops."""
+    in a thread of its own, since it may stay open for hours; closed when the caller stops.
+    The thread waits while the caller is behind: a slow reader is never buffered for."""
     loop = asyncio.get_running_loop()
-    items: asyncio.Queue[Any] = asyncio.Queue()
+    items: asyncio.Queue[Any] = asyncio.Queue(64)
     done = object()
+    closed = threading.Event()
+
+    def hand_over(item: Any) -> None:
+        if not closed.is_set():
+            asyncio.run_coroutine_threadsafe(items.put(item), loop).result()
 
     def pump() -> None:
         try:
             for item in stream:
-                loop.call_soon_threadsafe(items.put_nowait, item)
+                if closed.is_set():
+                    return
+                hand_over(item)
         except Exception:  # the stream was closed under us, or the engine went away
             pass
         finally:
-            loop.call_soon_threadsafe(items.put_nowait, done)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: no one is waiting
+                hand_over(done)
 
     threading.Thread(target=pump, name=name, daemon=True).start()
     try:
         while (item := await items.get()) is not done:
             yield item
     finally:
+        closed.set()
         stream.close()
+        while not items.empty():  # let a hand-over that waits for room finish
+            items.get_nowait()
