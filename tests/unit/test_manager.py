@@ -18,10 +18,9 @@ ALICE = Caller(user="alice", admin=False, token_id="a")
 BOB = Caller(user="bob", admin=False, token_id="b")
 
 
-def manager(tmp_path: Path, **settings: object) -> SessionManager:
-    return SessionManager(
-        Settings(data_dir=tmp_path, **settings), Store(tmp_path / "db.sqlite"), {}
-    )
+def manager(tmp_path: Path, **settings: int) -> SessionManager:
+    made = Settings(data_dir=tmp_path).model_copy(update=settings)
+    return SessionManager(made, Store(tmp_path / "db.sqlite"), {})
 
 
 def test_a_subscriber_that_falls_behind_is_dropped_and_told(tmp_path: Path) -> None:
