@@ -135,17 +135,34 @@ class Service:
         return made.stdout.strip()
 
     def leftovers(self) -> list[str]:
-        """Sandboxes of this service still on the machine: containers, bwrap processes."""
+        """Sandboxes of this service still on the machine: containers, and every process of a
+        bwrap sandbox, whatever it is and whether or not its bwrap still runs.
+
+        A bwrap sandbox's output goes to its log under this service's data directory: bwrap's,
+        its init's (pid 1 of the sandbox's PID namespace) and OpenCode's stdout are that file
+        (still so once it is deleted). What OpenCode starts (a PTY's shell) writes elsewhere,
+        but lives in the same PID namespace, which the kernel empties when its init ends: so a
+        process is a leftover if its output is in the data directory, or if it shares a PID
+        namespace other than ours with such a process.
+        """
         found = [f"container {c.name}" for c in self.containers()]
+        ours = os.readlink("/proc/self/ns/pid")
+        inside = str(self.data_dir) + os.sep
+        processes: dict[str, tuple[str, str, bool]] = {}  # pid: (argv[0], pid ns, writes here)
         for proc in Path("/proc").iterdir():
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-                # A sandbox's output goes to its log under this service's data directory.
-                output = os.readlink(proc / "fd" / "1")
-            except OSError:
+            if not proc.name.isdigit():
                 continue
-            if argv[0].endswith(b"bwrap") and output.startswith(str(self.data_dir)):
-                found.append(f"bwrap process {proc.name}")
+            try:
+                argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                namespace = os.readlink(proc / "ns" / "pid")
+                outputs = [os.readlink(proc / "fd" / fd) for fd in ("1", "2")]
+            except OSError:  # gone meanwhile, or a zombie (which has no descriptors)
+                continue
+            processes[proc.name] = (argv0, namespace, any(o.startswith(inside) for o in outputs))
+        sandboxes = {ns for _, ns, writes_here in processes.values() if writes_here} - {ours}
+        for pid, (argv0, namespace, writes_here) in sorted(processes.items()):
+            if writes_here or namespace in sandboxes:
+                found.append(f"sandbox process {pid} ({argv0 or '?'})")
         return found
 
     def containers(self) -> list[Any]:

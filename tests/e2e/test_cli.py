@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import re
+import secrets
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
 
-from tests.e2e.conftest import Service
+from codestation import Status
+from tests.e2e.conftest import Service, snapshot
 
 
 def cli(service: Service, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -53,7 +59,9 @@ def test_start_ls_status_logs_stop(service: Service, workspace: Path, runtime: s
     assert (workspace / "README.md").exists()
 
 
-def test_follow_ends_when_the_session_stops(service: Service, workspace: Path) -> None:
+def test_follow_streams_new_lines_and_ends_when_the_session_stops(
+    service: Service, workspace: Path
+) -> None:
     session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
     follower = subprocess.Popen(
         [sys.executable, "-m", "codestation.cli", "logs", "--follow", session.id],
@@ -61,10 +69,61 @@ def test_follow_ends_when_the_session_stops(service: Service, workspace: Path) -
         stdout=subprocess.PIPE,
         text=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in follower.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def read_until(text: str) -> str:
+        seen = ""
+        deadline = time.monotonic() + 30
+        while text not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"the follower never printed {text!r}; it printed {seen!r}"
+            with contextlib.suppress(queue.Empty):
+                seen += lines.get(timeout=left)
+        return seen
+
+    read_until("opencode server listening")  # the stored tail: the follow has begun
+    # Only now make OpenCode log something new: it logs each session it creates, title and all.
+    marker = f"made-after-follow-began-{secrets.token_hex(4)}"
+    created = httpx.post(
+        f"{session.url}/session",
+        json={"title": marker},
+        auth=(session.auth.username, session.auth.password),
+        timeout=30,
+    )
+    assert created.status_code == 200, created.text
+    read_until(marker)  # streamed while the session still runs
     service.client.stop(session.id)
-    out, _ = follower.communicate(timeout=60)
+    follower.wait(timeout=60)
+    reader.join(timeout=10)
     assert follower.returncode == 0
-    assert "opencode server listening" in out
+
+
+def test_rm_stops_and_forgets_a_session(service: Service, workspace: Path) -> None:
+    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    assert session.status is Status.RUNNING, session.error
+    assert service.leftovers() != []  # its sandbox runs, and the check below would see it
+    before = snapshot(workspace)
+    removed = cli(service, "rm", session.id)
+    assert f"{session.id} removed" in removed.stdout
+    assert session.id not in cli(service, "ls").stdout
+    assert json.loads(cli(service, "ls", "--json").stdout) == []
+    with service.http() as http:
+        assert http.get(f"/api/v1/code/session/{session.id}").status_code == 404
+    assert service.leftovers() == []
+    assert snapshot(workspace) == before
+    again = cli(service, "rm", session.id, check=False)
+    assert again.returncode == 1
+    assert "no session" in again.stderr
+    unknown = cli(service, "rm", "cs-nope", check=False)
+    assert unknown.returncode == 1
+    assert "no session" in unknown.stderr
 
 
 def test_errors_are_sentences_and_exit_non_zero(service: Service, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -84,13 +85,22 @@ def test_an_old_session_is_stopped_however_busy(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     service = start_service(cull_interval="0.5")
-    session = running(service, workspace, max_age=4)
-    deadline = time.monotonic() + 30
-    while service.client.session(session.id).status.live and time.monotonic() < deadline:
-        time.sleep(0.3)
-    stopped = service.client.session(session.id)
+    session = running(service, workspace, idle_timeout=2, max_age=6)
+    auth = (session.auth.username, session.auth.password)
+    # Its shell works for far longer than max_age (and is never idle for idle_timeout).
+    work = httpx.post(
+        f"{session.url}/pty", auth=auth, json={"command": "sh", "args": ["-c", "sleep 120"]}
+    )
+    assert work.status_code == 200, work.text
+    shell = work.json()["id"]
+    shells = httpx.get(f"{session.url}/pty", auth=auth).json()
+    assert [p["status"] for p in shells if p["id"] == shell] == ["running"]
+    stopped = wait_stopped(service, session.id, 30)
     assert stopped.status is Status.STOPPED
     assert stopped.reason == "max_age"
+    # The culler saw it busy up to the end: its shell running, when max_age had nearly passed.
+    assert stopped.last_activity is not None
+    assert stopped.last_activity >= session.created_at + timedelta(seconds=5)
 
 
 def test_a_session_cannot_ask_for_more_than_its_environment_allows(

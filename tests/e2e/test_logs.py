@@ -15,7 +15,7 @@ from tests.e2e.conftest import Service, ServiceFactory, run_in_session
 SPEW = (
     "pid=$(grep -l serve /proc/[0-9]*/cmdline | head -1 | cut -d/ -f3); "
     "i=0; while [ $i -lt {lines} ]; do echo \"{marker} line $i $(printf '%080d' 0)\"; "
-    "i=$((i+1)); done > /proc/$pid/fd/1"
+    "i=$((i+1)); done >> /proc/$pid/fd/1"
 )
 
 

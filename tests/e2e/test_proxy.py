@@ -7,7 +7,10 @@ import time
 from pathlib import Path
 
 import httpx
-from websockets.sync.client import connect
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Origin
 
 from codestation import SessionInfo, Status
 from tests.e2e.conftest import Service
@@ -72,3 +75,33 @@ def test_unknown_and_stopped_sessions_are_refused(service: Service, workspace: P
         assert "stopped" in stopped.text
         # The API itself is not behind a session's name.
         assert http.get("/healthz").status_code == 200
+
+
+def test_a_websocket_from_a_foreign_page_is_refused(service: Service, workspace: Path) -> None:
+    session = running(service, workspace)
+    port = service.url.rsplit(":", 1)[1]
+    host = {"Host": f"{session.id}.localhost:{port}", **service.auth_headers()}
+    with httpx.Client(base_url=service.url, headers=host, timeout=30) as http:
+        pty = http.post("/pty", json={"command": "sh", "args": []}).json()
+    url = f"ws://{session.id}.localhost:{port}/pty/{pty['id']}/connect?cursor=0"
+
+    def open_from(origin: str) -> ClientConnection:
+        return connect(
+            url,
+            sock=socket.create_connection(("127.0.0.1", int(port))),
+            origin=Origin(origin),
+            additional_headers=service.auth_headers(),  # valid credentials, either way
+        )
+
+    with pytest.raises(InvalidStatus) as refused:
+        open_from("http://evil.example")
+    assert refused.value.response.status_code == 403
+    # The same from the session's own page is accepted, and reaches its shell.
+    with open_from(f"http://{session.id}.localhost:{port}") as ws:
+        ws.send("echo same-origin-$((6*7))\n")
+        seen = ""
+        deadline = time.monotonic() + 20
+        while "same-origin-42" not in seen and time.monotonic() < deadline:
+            message = ws.recv(timeout=20)
+            seen += message if isinstance(message, str) else message.decode(errors="replace")
+        assert "same-origin-42" in seen

@@ -8,13 +8,21 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    expect,
+    sync_playwright,
+)
 
 from codestation import Status
 from tests.e2e.conftest import Service, ServiceFactory
@@ -36,25 +44,65 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
+class Console:
+    """Every console error and uncaught exception of every page a test opens (popups too)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.excused: list[str] = []  # what a test makes fail on purpose
+
+    def watch(self, context: BrowserContext) -> BrowserContext:
+        context.on("page", self._watch_page)
+        return context
+
+    def excuse(self, url: str) -> None:
+        """Errors on pages under `url`, or about requests to it, are the test's intent."""
+        self.excused.append(url)
+
+    def _watch_page(self, page: Page) -> None:
+        def on_console(message: ConsoleMessage) -> None:
+            # Chromium logs every 4xx answer; a 400 the page shows the person is not a fault,
+            # nor a 401 for a wrong token typed into the login page.
+            on_login = "/login" in message.location.get("url", "")
+            expected = "status of 400" in message.text or (
+                on_login and "status of 401" in message.text
+            )
+            if message.type == "error" and not expected:
+                self._add(page, f"{message.text} ({message.location.get('url')})")
+
+        page.on("console", on_console)
+        page.on("pageerror", lambda exc: self._add(page, f"uncaught {exc}"))
+
+    def _add(self, page: Page, error: str) -> None:
+        if not any(page.url.startswith(url) or url in error for url in self.excused):
+            self.errors.append(f"{error} on page {page.url}")
+
+
 @pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    errors: list[str] = []
+def console() -> Iterator[Console]:
+    """Fails the test if any page it opened logged an error."""
+    watched = Console()
+    yield watched
+    assert watched.errors == [], f"console errors: {watched.errors}"
 
-    def on_console(message: ConsoleMessage) -> None:
-        # Chromium logs every 4xx answer; a 400 the page shows the person is not a fault, nor a
-        # 401 for a wrong token typed into the login page.
-        on_login = "/login" in message.location.get("url", "")
-        expected = "status of 400" in message.text or (on_login and "status of 401" in message.text)
-        if message.type == "error" and not expected:
-            errors.append(f"{message.text} ({message.location.get('url')}, page {page.url})")
 
-    page.on("console", on_console)
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert errors == [], f"console errors: {errors}"
+@pytest.fixture
+def new_context(browser: Browser, console: Console) -> Iterator[Callable[..., BrowserContext]]:
+    """Browser contexts whose every page the console fixture watches; closed at the end."""
+    made: list[BrowserContext] = []
+
+    def factory(**options: Any) -> BrowserContext:
+        made.append(console.watch(browser.new_context(**options)))
+        return made[-1]
+
+    yield factory
+    for context in made:
+        context.close()
+
+
+@pytest.fixture
+def page(new_context: Callable[..., BrowserContext]) -> Page:
+    return new_context(viewport={"width": 1280, "height": 800}).new_page()
 
 
 def login_link(service: Service) -> str:
@@ -103,7 +151,7 @@ def test_the_first_start_s_login_link_logs_in_and_logout_logs_out(
 
 
 def test_start_watch_open_and_stop_from_the_ui(
-    service: Service, workspace: Path, page: Page, browser: Browser
+    service: Service, workspace: Path, page: Page, console: Console
 ) -> None:
     log_in(page, service)
     expect(page).to_have_title("codestation")
@@ -152,13 +200,15 @@ def test_start_watch_open_and_stop_from_the_ui(
     SHOTS.mkdir(parents=True, exist_ok=True)
     opencode.screenshot(path=SHOTS / "opencode-ui.png")
     # From that page (another origin), the terminal's WebSocket is refused.
+    terminal = f"{service.url.replace('http', 'ws')}/api/v1/code/session/{session_id}/terminal"
+    console.excuse(terminal)  # the browser logs the refusal
     refused = opencode.evaluate(
         """url => new Promise(done => {
             const ws = new WebSocket(url);
             ws.onopen = () => done("opened");
             ws.onerror = ws.onclose = () => done("refused");
         })""",
-        f"{service.url.replace('http', 'ws')}/api/v1/code/session/{session_id}/terminal?mode=shell",
+        f"{terminal}?mode=shell",
     )
     assert refused == "refused"
     opencode.close()
@@ -226,17 +276,41 @@ def test_the_terminal_types_resizes_and_replays(
     service.client.stop(session.id)
 
 
-def test_phone_width_and_dark_mode(service: Service, workspace: Path, browser: Browser) -> None:
+def luminance(css_colour: str) -> float:
+    """Relative luminance (0 black, 1 white) of a computed `rgb(...)` or `rgba(...)` colour."""
+    found = re.fullmatch(r"rgba?\((\d+), (\d+), (\d+)(?:, [\d.]+)?\)", css_colour)
+    assert found, css_colour
+    r, g, b = (int(c) / 255 for c in found.groups())
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_phone_width_and_dark_mode(
+    service: Service, workspace: Path, new_context: Callable[..., BrowserContext]
+) -> None:
     session = service.client.wait(service.client.start(str(workspace)).id)
-    context = browser.new_context(viewport={"width": 390, "height": 800}, color_scheme="dark")
-    page = context.new_page()
+    page = new_context(viewport={"width": 390, "height": 800}).new_page()
     log_in(page, service)
     expect(page.locator("#sessions tbody tr")).to_have_count(1)
     expect(page.locator(".status")).to_have_text("running")
+
+    def colours() -> tuple[float, float]:
+        found = page.evaluate(
+            """() => { const s = getComputedStyle(document.body);
+                       return [s.backgroundColor, s.color]; }"""
+        )
+        return luminance(found[0]), luminance(found[1])
+
+    page.emulate_media(color_scheme="light")
+    light_background, light_text = colours()
+    assert light_background > 0.8
+    assert light_text < 0.2
+    page.emulate_media(color_scheme="dark")
+    dark_background, dark_text = colours()
+    assert dark_background < 0.2
+    assert dark_text > 0.8
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page scrolls sideways at phone width ({width}px)"
     shot(page, "sessions-phone-dark")
-    context.close()
     service.client.stop(session.id)
 
 
@@ -293,11 +367,16 @@ def evil_origin() -> Iterator[str]:
 
 
 def test_a_page_of_another_origin_can_do_nothing(
-    service: Service, workspace: Path, browser: Browser, evil_origin: str
+    service: Service,
+    workspace: Path,
+    new_context: Callable[..., BrowserContext],
+    console: Console,
+    evil_origin: str,
 ) -> None:
     session = service.client.wait(service.client.start(str(workspace)).id)
     assert session.status is Status.RUNNING, session.error
-    context = browser.new_context()
+    console.excuse(evil_origin + "/")  # its page's refused requests log errors, as they should
+    context = new_context()
     mine = context.new_page()
     log_in(mine, service)
     mine.goto(f"{service.url}/open/{session.id}")  # logged in on the session's host name too
@@ -348,5 +427,5 @@ def test_a_page_of_another_origin_can_do_nothing(
     log = service.log.read_text()
     assert 'POST /api/v1/code/stop HTTP/1.1" 403' in log
     assert f'POST /api/v1/code/session/{session.id}/stop HTTP/1.1" 403' in log
-    context.close()
+    context.close()  # before its session stops under its OpenCode page
     service.client.stop(session.id)
