@@ -223,6 +223,9 @@ def launch(
         "CODESTATION_PORT": str(port),
         "CODESTATION_PORT_RANGE_START": str(ports[0]),
         "CODESTATION_PORT_RANGE_END": str(ports[1]),
+        # Tests start more sessions at once than a 24 GiB host's budget admits at the default
+        # 4g each; test_capacity.py sets its own budget to test admission.
+        "CODESTATION_MEMORY_BUDGET": "1024g",
         **{f"CODESTATION_{k.upper()}": v for k, v in settings.items()},
         **extra_env,
     }

@@ -204,4 +204,4 @@ def test_allow_opens_a_private_range_to_egress(
 
 def own_port(runtime: str, session: SessionInfo) -> int:
     """The port a session's OpenCode listens on inside its sandbox."""
-    return 8080 if runtime == "docker" else 4096
+    return 8080 if runtime == "docker" else session.port

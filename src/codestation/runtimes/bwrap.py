@@ -33,11 +33,12 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from codestation import agent, cgroups
+from codestation import agent, cgroups, network
 from codestation.cgroups import Cgroups
 from codestation.config import EnvironmentProfile, Limits, Settings, size_bytes
 from codestation.errors import RuntimeUnavailable, StartFailed
@@ -74,6 +75,19 @@ def _group_runs(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+def _child_pid(status_path: Path, seconds: float = 10) -> int:
+    """The pid of the sandbox's init (in the host's PID namespace), from the first line bwrap
+    writes to its status file once the sandbox's namespaces exist."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            first = status_path.read_text().split("\n", 1)
+            if len(first) > 1:
+                return int(json.loads(first[0])["child-pid"])
+        time.sleep(0.005)
+    raise StartFailed(f"bubblewrap did not make the sandbox within {seconds:g} s")
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -115,6 +129,7 @@ class BwrapRuntime(Runtime):
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._sandboxes_work = False  # proved once by `check`; the kernel does not change
         self._cgroups: Cgroups | None = Cgroups.find()
+        self._forwarders: dict[str, subprocess.Popen[bytes]] = {}
 
     def _bwrap(self) -> str:
         found = shutil.which("bwrap")
@@ -194,11 +209,15 @@ class BwrapRuntime(Runtime):
             "--tmpfs", "/tmp",
             "--chdir", "/workspace",
             "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            *(["--unshare-net"] if spec.profile.network != "full" else []),
             "--hostname", f"codestation-{spec.session_id}",
             "--json-status-fd", str(status_fd),
             "--remount-ro", "/",  # the sandbox's own root too: only /workspace and /tmp write
         ]  # fmt: skip
-        command = agent.serve_command(spec.address, spec.port, spec.workspace, BINARY_INSIDE)
+        # In a network of its own, OpenCode listens on the sandbox's loopback and pasta forwards
+        # the leased port to it; else on the host's network, on the publish address itself.
+        address = spec.address if spec.profile.network == "full" else "127.0.0.1"
+        command = agent.serve_command(address, spec.port, spec.workspace, BINARY_INSIDE)
         if os.geteuid() != 0:
             # Unprivileged: bwrap makes a user namespace; the agent is the service's own user.
             return [*argv, "--", *command]
@@ -256,8 +275,63 @@ class BwrapRuntime(Runtime):
         started = _start_time(child.pid)
         state: State = {"pid": child.pid, "start_time": started, "cgroups": list(map(str, made))}
         self._children[spec.session_id] = child
-        (self.run_dir / f"{spec.session_id}.json").write_text(json.dumps(state))
+        record = self.run_dir / f"{spec.session_id}.json"
+        record.write_text(json.dumps(state))
+        if spec.profile.network != "full":
+            try:
+                state["pasta"] = self._connect(spec, status_path)
+            except BaseException:
+                self._signal(child.pid, signal.SIGKILL)
+                child.wait()
+                cgroups.remove(made)
+                record.unlink(missing_ok=True)
+                raise
+            record.write_text(json.dumps(state))
         return state
+
+    def _connect(self, spec: LaunchSpec, status_path: Path) -> State:
+        """Give the sandbox's own network namespace its rules (`network.py`), then pasta: the
+        leased port on the host's loopback forwarded to OpenCode inside, and, for `egress`,
+        a way out through the host's sockets that the rules keep off the host and private
+        ranges. The rules come first, so there is no moment without them.
+
+        pasta, not slirp4netns: it forwards a port by its command line (no control socket),
+        splices loopback connections without copying, and quits nothing by itself: it is
+        ended with the sandbox. Debian 12's pasta drops to `nobody` before it opens the
+        namespace, which it may then not enter; `--runas 0` keeps root (pasta still sandboxes
+        itself, with seccomp and empty namespaces of its own)."""
+        pid = _child_pid(status_path)
+        for version in (4, 6):
+            table = [
+                "*filter",
+                "-A OUTPUT -o lo -j ACCEPT",  # its own OpenCode, the terminal's attach
+                *network.rules(
+                    "OUTPUT", spec.profile.network, spec.profile.allow, version=version,
+                    also_blocked=network.host_addresses(), passed="ACCEPT",
+                ),
+                "COMMIT",
+            ]  # fmt: skip
+            network.restore(table, version=version, netns_pid=pid)
+        pasta = shutil.which("pasta")
+        if pasta is None:
+            raise StartFailed(
+                "pasta (Debian package passt) is needed to reach a bubblewrap sandbox in a "
+                "network of its own; install it, or set the environment's network to full."
+            )
+        port = spec.port
+        forward = subprocess.Popen(
+            [
+                pasta, "--runas", "0", "--foreground", "--quiet", "--config-net",
+                "-t", f"{spec.address}/{port}:{port}", "-u", "none", "-T", "none", "-U", "none",
+                "--no-map-gw", "--netns", f"/proc/{pid}/ns/net",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self._forwarders[spec.session_id] = forward
+        return {"pid": forward.pid, "start_time": _start_time(forward.pid)}
 
     def _state(self, session_id: str, state: State) -> State:
         if state.get("pid"):
@@ -332,6 +406,7 @@ class BwrapRuntime(Runtime):
         child = self._children.pop(session_id, None)
         if child is not None:
             child.wait()
+        self._end_forwarder(session_id, state)
         await asyncio.to_thread(cgroups.remove, [Path(p) for p in state.get("cgroups", [])])
         log_path = self.log_dir / f"{session_id}.log"
         tail = _tail(log_path, self.settings.log_tail_lines)
@@ -351,6 +426,21 @@ class BwrapRuntime(Runtime):
                 return True
             await asyncio.sleep(0.05)
         return not self._alive(session_id, state)
+
+    def _end_forwarder(self, session_id: str, state: State) -> None:
+        """End the session's pasta, if it has one: it does not end with the sandbox."""
+        forward = self._forwarders.pop(session_id, None)
+        recorded = state.get("pasta") or {}
+        pid = recorded.get("pid")
+        if isinstance(pid, int) and _start_time(pid) == recorded.get("start_time"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if forward is not None:
+            try:
+                forward.wait(5)
+            except subprocess.TimeoutExpired:
+                forward.kill()
+                forward.wait()
 
     @staticmethod
     def _signal(pid: int, sig: signal.Signals) -> None:
