@@ -103,3 +103,31 @@ def test_one_session_cannot_take_every_upstream_connection(
     while proxied(service, greedy, "/global/health") != 200:
         assert time.monotonic() < deadline, "the session's slots did not come back"
         time.sleep(0.1)
+
+
+def test_abandoned_websockets_end_upstream(service: Service, workspace: Path) -> None:
+    session = running(service, workspace)
+    auth = (session.auth.username, session.auth.password)
+    pty = httpx.post(f"{session.url}/pty", auth=auth, json={"command": "sh"}, timeout=10).json()
+    before = upstream_connections(session.port)
+    request = (
+        f"GET /pty/{pty['id']}/connect?cursor=0 HTTP/1.1\r\n"
+        f"Host: {session.id}.localhost:{service.port}\r\n"
+        f"Authorization: Bearer {service.token}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    held = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", service.port))
+        sock.sendall(request)
+        assert sock.recv(12) == b"HTTP/1.1 101"
+        held.append(sock)
+    assert upstream_connections(session.port) >= before + 20
+    for sock in held:  # gone, without a closing handshake
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+    deadline = time.monotonic() + 10
+    while (left := upstream_connections(session.port)) > before + 1:
+        assert time.monotonic() < deadline, f"{left - before} upstream WebSockets left open"
+        time.sleep(0.1)
+    assert proxied(service, session, "/global/health") == 200

@@ -176,6 +176,10 @@ def test_start_watch_open_and_stop_from_the_ui(
     row = page.locator("#sessions tbody tr").first
     expect(row.locator(".status")).to_have_text("running")
     session_id = row.get_attribute("id").removeprefix("row-")  # type: ignore[union-attr]
+    # How full the host is, as /healthz says: this session's 4g of the tests' 1024g budget.
+    expect(page.locator("#capacity")).to_have_text(
+        "1 of 100 sessions · 4.0 of 1024.0 GiB reserved", timeout=10_000
+    )
     shot(page, "sessions")
 
     # "Open": OpenCode's own UI on the session's host name, no password prompt.
