@@ -44,7 +44,7 @@ def test_a_closed_terminal_is_not_activity(start_service: ServiceFactory, worksp
     use_terminal(service, session)
     assert "codestation:shell" in terminals_in(session)  # kept for the tab to come back
     deadline = time.monotonic() + 30
-    while (now := listed(service, session.id)).status is Status.RUNNING:
+    while (now := listed(service, session.id)).status.live:
         assert time.monotonic() < deadline, "an idle session with a closed terminal was kept"
         time.sleep(0.5)
     assert now.status is Status.STOPPED

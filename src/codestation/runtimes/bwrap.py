@@ -42,6 +42,7 @@ from codestation import agent, cgroups, network
 from codestation.cgroups import Cgroups
 from codestation.config import EnvironmentProfile, Limits, Settings, size_bytes
 from codestation.errors import RuntimeUnavailable, StartFailed
+from codestation.ports import port_is_free
 from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
 
 BINARY_INSIDE = "/opt/opencode/bin/opencode"
@@ -279,8 +280,12 @@ class BwrapRuntime(Runtime):
         record.write_text(json.dumps(state))
         if spec.profile.network != "full":
             try:
-                state["pasta"] = self._connect(spec, status_path)
+                state["pasta"] = self._connect(spec, status_path, log_path)
             except BaseException:
+                if child.poll() is not None:
+                    # The sandbox ended first (the workspace guard, say): its exit and log
+                    # tell why, as they do for a sandbox with no network of its own.
+                    return state
                 self._signal(child.pid, signal.SIGKILL)
                 child.wait()
                 cgroups.remove(made)
@@ -289,7 +294,7 @@ class BwrapRuntime(Runtime):
             record.write_text(json.dumps(state))
         return state
 
-    def _connect(self, spec: LaunchSpec, status_path: Path) -> State:
+    def _connect(self, spec: LaunchSpec, status_path: Path, log_path: Path) -> State:
         """Give the sandbox's own network namespace its rules (`network.py`), then pasta: the
         leased port on the host's loopback forwarded to OpenCode inside, and, for `egress`,
         a way out through the host's sockets that the rules keep off the host and private
@@ -319,18 +324,36 @@ class BwrapRuntime(Runtime):
                 "network of its own; install it, or set the environment's network to full."
             )
         port = spec.port
-        forward = subprocess.Popen(
-            [
-                pasta, "--runas", "0", "--foreground", "--quiet", "--config-net",
-                "-t", f"{spec.address}/{port}:{port}", "-u", "none", "-T", "none", "-U", "none",
-                "--no-map-gw", "--netns", f"/proc/{pid}/ns/net",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+        # Opened here, by the service, and handed over: pasta opening /proc/<pid>/ns/net
+        # itself is refused at moments (it keeps too few capabilities for the ptrace access
+        # check that path makes), while its own descriptor's path never is.
+        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        with log_path.open("ab") as log, contextlib.ExitStack() as held:
+            held.callback(os.close, netns)
+            forward = subprocess.Popen(
+                [
+                    pasta, "--runas", "0", "--foreground", "--quiet", "--config-net",
+                    "-t", f"{spec.address}/{port}:{port}", "-u", "none", "-T", "none", "-U", "none",
+                    "--no-map-gw", "--netns", f"/proc/self/fd/{netns}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(netns,),
+                start_new_session=True,
+            )  # fmt: skip
         self._forwarders[spec.session_id] = forward
+        # Listening once the leased port is bound; if pasta ends first, its error is in the log.
+        deadline = time.monotonic() + 10
+        while port_is_free(spec.address, port):
+            if forward.poll() is not None or time.monotonic() > deadline:
+                forward.kill()
+                forward.wait()
+                raise StartFailed(
+                    f"pasta could not forward port {port} to the sandbox (exit status "
+                    f"{forward.returncode}); its message is in the session's log."
+                )
+            time.sleep(0.005)
         return {"pid": forward.pid, "start_time": _start_time(forward.pid)}
 
     def _state(self, session_id: str, state: State) -> State:
@@ -370,6 +393,9 @@ class BwrapRuntime(Runtime):
         if not state:
             return Exit(reason="its sandbox was never started")
         if self._alive(session_id, state):
+            pasta = state.get("pasta") or {}
+            if pasta and _start_time(pasta.get("pid", 0)) != pasta.get("start_time"):
+                return Exit(reason="its network forwarder (pasta) ended; see its log")
             # Called every watch_interval while the session runs: the time to keep its log small.
             _rotate(self.log_dir / f"{session_id}.log", size_bytes(self.settings.log_max_size))
             return None
