@@ -21,21 +21,19 @@ from codestation.workspaces import Workspace, open_workspace
 from tests.e2e.conftest import Service, run_in_session
 
 
-def swap_forever(path: Path, target: Path, stop: threading.Event) -> int:
-    """Swap `path` between its directory and a symlink to `target` until `stop`; count swaps.
-    The directory stands a little longer than the link, so that some starts get past the
-    check and meet the swap later, at the mount."""
+def swap_forever(path: Path, target: Path, stop: threading.Event, swaps: list[int]) -> None:
+    """Swap `path` between its directory and a symlink to `target` until `stop`, counting
+    swaps in `swaps[0]`. The directory stands a little longer than the link, so that some
+    starts get past the check and meet the swap later, at the mount."""
     aside = path.with_name(path.name + ".aside")
-    swaps = 0
     while not stop.is_set():
         path.rename(aside)
         path.symlink_to(target)
         time.sleep(0.0005)
         path.unlink()
         aside.rename(path)
-        swaps += 1
+        swaps[0] += 1
         time.sleep(0.002)
-    return swaps
 
 
 def test_starts_during_a_swap_loop_mount_the_checked_directory_or_fail(
@@ -45,16 +43,14 @@ def test_starts_during_a_swap_loop_mount_the_checked_directory_or_fail(
     project.mkdir()
     (project / "marker").write_text("the real project\n")
     stop, counted = threading.Event(), [0]
-    swapper = threading.Thread(
-        target=lambda: counted.__setitem__(0, swap_forever(project, service.data_dir, stop))
-    )
+    swapper = threading.Thread(target=swap_forever, args=(project, service.data_dir, stop, counted))
     swapper.start()
     started: list[str] = []
     refused = 0
     try:
         rounds = 0
-        # Until a few got past the check, and for a second at least, so the loop swaps a lot.
-        while (len(started) < 4 or rounds < 5) and rounds < 40:
+        # Until a few got past the check, with the loop swapping all along.
+        while (len(started) < 4 or counted[0] <= 100) and rounds < 40:
             rounds += 1
             for _ in range(2):
                 try:

@@ -91,6 +91,21 @@ def _child_pid(status_path: Path, seconds: float = 10) -> int:
     raise StartFailed(f"bubblewrap did not make the sandbox within {seconds:g} s")
 
 
+def _wait_for_loopback(pid: int, seconds: float = 10) -> None:
+    """Wait until bwrap has set up the loopback of the sandbox's network namespace (its
+    127.0.0.1 routed): pasta configuring the namespace meanwhile makes bwrap's own setup fail
+    ("loopback: Failed RTM_NEWADDR")."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if "127.0.0.1" in Path(f"/proc/{pid}/net/fib_trie").read_text():
+                return
+        except OSError:  # the sandbox ended already: its exit says why
+            raise StartFailed("the sandbox ended while its network was being set up") from None
+        time.sleep(0.002)
+    raise StartFailed(f"the sandbox's loopback was not up within {seconds:g} s")
+
+
 def _tail(path: Path, lines: int) -> str:
     """The last `lines` lines of the log at `path`, its rotated part included."""
     kept: collections.deque[str] = collections.deque(maxlen=lines)
@@ -306,6 +321,7 @@ class BwrapRuntime(Runtime):
         namespace, which it may then not enter; `--runas 0` keeps root (pasta still sandboxes
         itself, with seccomp and empty namespaces of its own)."""
         pid = _child_pid(status_path)
+        _wait_for_loopback(pid)
         for version in (4, 6):
             table = [
                 "*filter",
