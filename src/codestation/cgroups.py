@@ -63,9 +63,14 @@ class Cgroups:
             return cls(1, parents)
         if unified is not None:
             base = unified / own.get("", "/").lstrip("/")
-            enabled = (unified / "cgroup.controllers").read_text().split()
-            if all(c in enabled for c in CONTROLLERS):
-                return cls(2, (base / "codestation",))
+            found = cls(2, (base / "codestation",))
+            try:  # the service's own cgroup must hand the controllers down: try it once
+                enabled = (base / "cgroup.controllers").read_text().split()
+                if all(c in enabled for c in CONTROLLERS):
+                    found._delegate()
+                    return found
+            except OSError:  # EBUSY: it holds processes itself (not delegated): no limits
+                return None
         return None
 
     def create(self, session_id: str, limits: Limits) -> list[Path]:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import stat
 import sys
 from collections.abc import Iterator
@@ -170,6 +171,10 @@ def serve(
     logging.basicConfig(level=logging.INFO, format=fmt, handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe
     logging.getLogger("uvicorn.access").addFilter(_redact)
+    # Every proxied request, stream and terminal holds descriptors: take all the kernel allows.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Open event streams and terminals would hold a graceful shutdown forever: end them.
     uvicorn.run(
         create_app(settings),

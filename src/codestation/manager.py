@@ -59,6 +59,7 @@ log = logging.getLogger("codestation")
 T = TypeVar("T")
 
 PROBE_INTERVAL = 0.1
+ACTIVITY_TIMEOUT = 10.0  # seconds an agent has to say whether it is busy
 EVENTS_BUFFERED = 256  # changes a subscriber may fall behind by before it is dropped
 PROBE_TIMEOUT = 1.0
 
@@ -239,8 +240,16 @@ class SessionManager:
         its shell running (asked of OpenCode), and the last change to its OpenCode sessions."""
         running = self.running()
         touched, self._touched = self._touched, {}
+        # Each agent gets a bounded time to answer: one that trickles its reply (it controls
+        # its OpenCode) must not hold up the round, and so everyone's culling.
         seen = await asyncio.gather(
-            *(agent.last_activity(self._http, self._local_url(s), s.password) for s in running),
+            *(
+                asyncio.wait_for(
+                    agent.last_activity(self._http, self._local_url(s), s.password),
+                    ACTIVITY_TIMEOUT,
+                )
+                for s in running
+            ),
             return_exceptions=True,
         )
         for session, agent_seen in zip(running, seen, strict=True):

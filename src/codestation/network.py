@@ -39,7 +39,8 @@ BLOCKED: tuple[Network, ...] = tuple(
     for n in (
         "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
         "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-        "::1/128", "::ffff:0:0/96", "fc00::/7", "fe80::/10", "ff00::/8",
+        "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48",
+        "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8",
     )
 )  # fmt: skip
 
@@ -83,9 +84,13 @@ def rules(
     version: Literal[4, 6],
     also_blocked: Iterable[Address] = (),
     passed: str = "RETURN",
+    udp_to_resolvers_only: bool = False,
 ) -> list[str]:
     """iptables-restore lines that fill `chain` for `policy`: what may go on jumps to
-    `passed` (or falls off the end), the rest is refused at once (TCP reset, else ICMP)."""
+    `passed` (or falls off the end), the rest is refused at once (TCP reset, else ICMP).
+    `also_blocked`: the host's own addresses, refused even if `allow` names them.
+    `udp_to_resolvers_only`: UDP may go to the DNS resolvers alone (pasta binds a host port
+    for each UDP flow, which would let an agent hold the host's UDP ports)."""
     lines = [f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j {passed}"]
     if policy == "full":
         return lines
@@ -98,14 +103,20 @@ def rules(
         if server.version == version:
             for proto in ("udp", "tcp"):
                 lines.append(f"-A {chain} -d {server} -p {proto} --dport 53 -j {passed}")
-    blocked = [*BLOCKED, *(ipaddress.ip_network(a) for a in also_blocked)]
-    for net in allow:
-        if net.version == version:
-            lines.append(f"-A {chain} -d {net} -j {passed}")
-    for net in blocked:
+    hosts = [ipaddress.ip_network(a) for a in also_blocked]
+    for net in hosts:  # before `allow`: no allow list opens the host itself
         if net.version == version:
             lines.append(f"-A {chain} -d {net} -p tcp -j REJECT {reset}")
             lines.append(f"-A {chain} -d {net} -j REJECT")
+    for net in allow:
+        if net.version == version:
+            lines.append(f"-A {chain} -d {net} -j {passed}")
+    for net in BLOCKED:
+        if net.version == version:
+            lines.append(f"-A {chain} -d {net} -p tcp -j REJECT {reset}")
+            lines.append(f"-A {chain} -d {net} -j REJECT")
+    if udp_to_resolvers_only:
+        lines.append(f"-A {chain} -p udp -j REJECT")
     return lines
 
 

@@ -134,15 +134,17 @@ class Terminals:
                 while (text := await receive()) is not None:
                     try:
                         message = json.loads(text)
-                    except ValueError:
+                        if not isinstance(message, dict):
+                            continue
+                        if "rows" in message and "cols" in message:
+                            size = int(message["rows"]), int(message["cols"])
+                    except (ValueError, TypeError):  # not what the protocol says: ignored
                         continue
                     if "data" in message:
                         on_input()
                         await pty.send(str(message["data"]))
                     if "rows" in message and "cols" in message:
-                        await self.resize(
-                            session, pty_id, int(message["rows"]), int(message["cols"])
-                        )
+                        await self.resize(session, pty_id, *size)
 
             tasks = [asyncio.create_task(output()), asyncio.create_task(typing())]
             try:
@@ -174,11 +176,13 @@ class Terminals:
             if session.id in self._making:
                 continue  # its new PTY may be listed before it is recorded: next time
             try:
-                shells = (
-                    await self._http.get(f"{self._url(session)}/pty", auth=self._auth(session))
-                ).json()
+                # Bounded: the agent controls its OpenCode and may trickle an answer.
+                listed = await asyncio.wait_for(
+                    self._http.get(f"{self._url(session)}/pty", auth=self._auth(session)), 10
+                )
+                shells = listed.json()
                 left = [p["id"] for p in shells if str(p.get("title", "")).startswith(TERMINAL)]
-            except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+            except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError, TimeoutError):
                 continue  # it will say next time, or it is not running any more
             ours = {t.pty_id for t in self._open.values()}  # as of now, after the await
             for pty_id in left:

@@ -195,11 +195,15 @@ def test_allow_opens_a_private_range_to_egress(
     start_service: ServiceFactory, workspace: Path, world: World, runtime: str
 ) -> None:
     mirror = world.private.split(":")[0]
-    allowed = {"network": "egress", "allow": [f"{mirror}/32"]}
+    eth0 = next(a for a in world.host_addresses if not ipaddress.ip_address(a).is_loopback)
+    # The host's own address in the list too: no allow list opens the host itself.
+    allowed = {"network": "egress", "allow": [f"{mirror}/32", f"{eth0}/32"]}
     service = start_service(environments=environments(mirror=allowed))
-    target = {"mirror": world.private}
-    assert reach(sessions_on(service, workspace, "mirror"), target) == {"mirror": True}
-    assert reach(sessions_on(service, workspace, "egress"), target) == {"mirror": False}
+    targets = {"mirror": world.private, "host": f"{eth0}:{world.host_port}"}
+    opened = reach(sessions_on(service, workspace, "mirror"), targets)
+    assert opened == {"mirror": True, "host": False}
+    plain = reach(sessions_on(service, workspace, "egress"), targets)
+    assert plain == {"mirror": False, "host": False}
 
 
 def own_port(runtime: str, session: SessionInfo) -> int:

@@ -137,6 +137,8 @@ class SessionProxy:
         )
         try:
             response = await self._http.send(request, stream=True)
+        except OSError:
+            return  # the client left mid-upload: no one to answer
         except httpx.HTTPError as exc:
             await _plain(send, 502, f"OpenCode of session {session.id} did not answer: {exc}")
             return
@@ -289,7 +291,8 @@ async def _body(receive: Receive, sent: asyncio.Event) -> AsyncIterator[bytes]:
         while True:
             message: Message = await receive()
             if message["type"] != "http.request":
-                return
+                # Gone mid-upload: abort, so OpenCode never takes half a body for a whole one.
+                raise OSError("the client went away before its request body ended")
             yield message.get("body", b"")
             if not message.get("more_body"):
                 return

@@ -325,10 +325,16 @@ class BwrapRuntime(Runtime):
         for version in (4, 6):
             table = [
                 "*filter",
+                # In: its loopback and answers to its own connections, nothing unsolicited.
+                "-A INPUT -i lo -j ACCEPT",
+                "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                f"-A INPUT -p tcp --dport {spec.port} -j ACCEPT",  # OpenCode, through pasta
+                "-A INPUT -j DROP",
                 "-A OUTPUT -o lo -j ACCEPT",  # its own OpenCode, the terminal's attach
                 *network.rules(
                     "OUTPUT", spec.profile.network, spec.profile.allow, version=version,
                     also_blocked=network.host_addresses(), passed="ACCEPT",
+                    udp_to_resolvers_only=True,
                 ),
                 "COMMIT",
             ]  # fmt: skip
