@@ -148,12 +148,14 @@ class SessionManager:
         held = await runtime.running_sessions()
         known = {s.id for s in self.store.list(live_only=True)}  # after listing: none missed
         orphans = sorted(held - known)
-        await _each(
+        failed = await _each(
             orphans,
             lambda sid: runtime.stop(sid, {}, self.settings.stop_timeout),
             f"cannot remove orphan sandbox of {name}",
         )
-        return len(orphans)
+        if failed:
+            self._sweep.add(name)  # `watch` tries again
+        return len(orphans) - failed
 
     async def _every(self, seconds: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -222,12 +224,12 @@ class SessionManager:
             except Exception:
                 log.exception("session %s: cannot finish its %s", session.id, session.status)
         for name in sorted(self._sweep):
+            self._sweep.discard(name)  # added again if some remain
             try:
                 await self._runtime(name)
                 await self._remove_orphans(name)
             except RuntimeUnavailable:
-                continue
-            self._sweep.discard(name)
+                self._sweep.add(name)
 
     def touch(self, session: Session) -> None:
         """Count activity on the session: an API call about it, traffic through the proxy,
@@ -739,13 +741,17 @@ class SessionManager:
         await self._change(session_id, lambda s: s.with_changes(runtime_state=state))
 
 
-async def _each(items: Iterable[T], work: Callable[[T], Awaitable[object]], failure: str) -> None:
-    """`work` on every item at once; one that fails is logged and does not stop the others."""
+async def _each(items: Iterable[T], work: Callable[[T], Awaitable[object]], failure: str) -> int:
+    """`work` on every item at once; one that fails is logged and does not stop the others.
+    How many failed."""
     items = list(items)
     results = await asyncio.gather(*(work(item) for item in items), return_exceptions=True)
+    failed = 0
     for item, result in zip(items, results, strict=True):
         if isinstance(result, Exception):
+            failed += 1
             log.warning("%s %s: %s", failure, getattr(item, "id", item), result)
+    return failed
 
 
 def _memory_budget(settings: Settings) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import httpx
 import pytest
 
@@ -168,11 +169,16 @@ class Service:
     def containers(self) -> list[Any]:
         engine = docker.from_env()
         try:
-            return list(
-                engine.containers.list(
-                    all=True, filters={"label": f"{LABEL_DATA_DIR}={self.data_dir}"}
-                )
-            )
+            for _ in range(10):
+                try:
+                    return list(
+                        engine.containers.list(
+                            all=True, filters={"label": f"{LABEL_DATA_DIR}={self.data_dir}"}
+                        )
+                    )
+                except docker.errors.NotFound:  # removed between the list and its details
+                    time.sleep(0.1)
+            raise AssertionError("the engine's container list kept changing")
         finally:
             engine.close()
 
