@@ -9,6 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+from websockets.typing import Origin
 
 from codestation import Status
 from tests.e2e.conftest import Service, ServiceFactory
@@ -48,6 +51,13 @@ def test_streams_are_bounded_per_user_and_overall(
                 assert third.status_code == 429, path
                 assert third.json()["code"] == "too_many_streams"
                 assert "max_streams_per_user" in third.json()["error"]
+        # A terminal is a stream too.
+        with pytest.raises(InvalidStatus):
+            connect(
+                f"ws://127.0.0.1:{service.port}/api/v1/code/session/{session.id}/terminal",
+                origin=Origin(service.url),
+                additional_headers=service.auth_headers(),
+            )
         assert held.enter_context(opened(service, events, bob)).status_code == 200
         with opened(service, events, service.make_token("carol")) as fourth:
             assert fourth.status_code == 429

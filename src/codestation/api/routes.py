@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from codestation import __version__
 from codestation.api.access import caller
-from codestation.errors import SessionNotFound, Unauthorized
+from codestation.errors import SessionNotFound, TooManyStreams, Unauthorized
 from codestation.identity import Caller
 from codestation.manager import SessionManager
 from codestation.schemas import (
@@ -229,7 +229,22 @@ async def terminal(websocket: WebSocket, session_id: str, mode: str = "agent") -
     if session is None or session.status is not Status.RUNNING or mode not in MODES:
         await websocket.close(code=1008, reason="no such running session, or mode")
         return
-    await websocket.accept()
+    assert who is not None
+    try:  # a terminal is a long-lived stream too: it counts against the same places
+        release = manager.open_stream(who)
+    except TooManyStreams:
+        await websocket.close(code=1013, reason="too many streams open; close one")
+        return
+    try:
+        await websocket.accept()
+        await _attach(websocket, manager, terminals, session, mode)
+    finally:
+        release()
+
+
+async def _attach(
+    websocket: WebSocket, manager: SessionManager, terminals: Terminals, session: Session, mode: str
+) -> None:
 
     async def receive() -> str | None:
         message = await websocket.receive()
