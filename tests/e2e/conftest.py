@@ -326,7 +326,7 @@ def run_in_session(session: SessionInfo, script: str, timeout: float = 30) -> tu
         f"/workspace/{status.name}"
     )
     created = httpx.post(
-        f"{session.url}/pty", auth=auth, timeout=10, json={"command": "sh", "args": ["-c", wrapped]}
+        f"{session.url}/pty", auth=auth, timeout=60, json={"command": "sh", "args": ["-c", wrapped]}
     )
     assert created.status_code == 200, created.text
     deadline = time.monotonic() + timeout
