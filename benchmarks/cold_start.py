@@ -52,7 +52,7 @@ def wait_healthy(url: str, password: str, deadline: float) -> None:
 
 def codestation_start(client: Client, workspace: Path, environment: str) -> float:
     begin = time.monotonic()
-    started = client.start(str(workspace), environment)
+    started = client.start(str(workspace), environment, wait=False)
     session = client.wait(started.id, interval=0.02, timeout=120)
     if session.url is None:
         raise RuntimeError(f"session failed: {session.error}")

@@ -21,7 +21,7 @@ import httpx
 from pydantic import SecretStr
 
 from codestation.config import EnvironmentProfile, Settings
-from codestation.errors import RuntimeUnavailable
+from codestation.errors import RuntimeUnavailable, SecretMissing
 from codestation.workspaces import Workspace
 
 USERNAME = "opencode"
@@ -66,11 +66,29 @@ def serve_command(
     return [*guard, *serve_args(hostname, port, binary)]
 
 
-def agent_env(password: SecretStr, profile: EnvironmentProfile) -> dict[str, str]:
-    """The environment OpenCode runs with. The profile cannot override the credentials."""
+def secret_values(profile: EnvironmentProfile, environment: str) -> dict[str, SecretStr]:
+    """The values of the environment's secrets, read now; SecretMissing names any not set."""
+    found = {name: ref.value() for name, ref in profile.secrets.items()}
+    missing = [f"{name} (from {profile.secrets[name]})" for name, v in found.items() if v is None]
+    if missing:
+        raise SecretMissing(
+            f"environment {environment!r} needs the secret {', '.join(missing)}, which is unset "
+            "or empty where codestation runs; set it (a variable in codestation's environment, "
+            "then restart it; a file is read at every start), or fix the environment's secrets."
+        )
+    return {name: v for name, v in found.items() if v is not None}
+
+
+def agent_env(
+    password: SecretStr, profile: EnvironmentProfile, secrets: dict[str, SecretStr]
+) -> dict[str, str]:
+    """The environment OpenCode runs with. The profile cannot override the credentials.
+    Secrets are unwrapped here, where they leave for the sandbox, and nowhere else."""
     env = {**OFFLINE_ENV, **profile.env}
-    if profile.opencode_config:
-        env["OPENCODE_CONFIG_CONTENT"] = json.dumps(profile.opencode_config)
+    config = profile.agent_config()
+    if config:
+        env["OPENCODE_CONFIG_CONTENT"] = json.dumps(config)
+    env.update({name: value.get_secret_value() for name, value in secrets.items()})
     env["OPENCODE_SERVER_USERNAME"] = USERNAME
     env["OPENCODE_SERVER_PASSWORD"] = password.get_secret_value()
     return env
@@ -95,6 +113,17 @@ async def is_healthy(
         return bool(response.json().get("healthy"))
     except (ValueError, AttributeError):  # not JSON, or not an object
         return False
+
+
+async def is_busy(client: httpx.AsyncClient, url: str, password: SecretStr) -> bool | None:
+    """Whether a session of the agent's OpenCode is working a turn now; None if it won't say."""
+    try:
+        statuses = (
+            await client.get(f"{url}/session/status", auth=basic(password), timeout=2)
+        ).json()
+        return any(isinstance(s, dict) and s.get("type") != "idle" for s in statuses.values())
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
 
 
 # The title of the PTYs codestation's browser terminals run in (`terminals.py`).

@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from codestation.client import DEFAULT_URL, Client
+from codestation.changes import Changes
+from codestation.client import DEFAULT_URL, Client, Session
 from codestation.config import Settings, config_file_path, masked
 from codestation.errors import CodestationError, Unauthorized
-from codestation.schemas import SessionInfo
+from codestation.schemas import Reply, SessionInfo
 from codestation.sessions import Status
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def start(
 ) -> None:
     """Start a session on WORKSPACE and (by default) wait until it runs."""
     with _service(url, token) as client:
-        session: SessionInfo = client.start(str(workspace.absolute()), environment)
+        session: SessionInfo = client.start(str(workspace.absolute()), environment, wait=False)
         if wait:
             with err.status(f"starting {session.id}") as status:
                 session = client.wait(
@@ -263,6 +264,106 @@ def start(
         _print_session(session)
     if session.status is Status.FAILED:
         raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    workspace: Annotated[Path, typer.Argument(help="The directory the agent works in.")],
+    prompt: Annotated[str, typer.Argument(help="What to ask the agent.")],
+    environment: Annotated[str, typer.Option("--environment", "-e")] = "default",
+    keep: Annotated[bool, typer.Option(help="Leave the session running afterwards.")] = False,
+    model: Annotated[str | None, typer.Option(help="provider/model; unset: the default.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Ask the agent to do PROMPT in WORKSPACE: start a session there (or use your running
+    one), stream the agent's reply as it writes it, then print what changed. A session this
+    command started is stopped at the end unless --keep. Exits 1 if the turn fails."""
+    with _service(url, token) as client:
+        path = str(workspace.absolute())
+        me = client.me().user
+        session = next(
+            (s for s in client.sessions()
+             if s.status is Status.RUNNING and s.owner == me and s.workspace == path
+             and s.environment == environment),
+            None,
+        )  # fmt: skip
+        started = session is None
+        if session is None:
+            with err.status("starting a session") as status:
+                first = client.start(path, environment, wait=False)
+                session = client.wait(
+                    first.id, on_update=lambda s: status.update(f"{s.id}: {s.step or s.status}")
+                )
+            if session.status is not Status.RUNNING:
+                raise _fail(f"session {session.id} failed: {session.error}")
+        err.print(f"[dim]session {session.id} ({'new' if started else 'running'})[/dim]")
+        try:
+            reply = _follow_turn(client, session, prompt, model)
+            out.print()
+            if reply.error:
+                raise _fail(f"the agent's turn failed: {reply.error}")
+            _print_changes(session.changes())
+        finally:
+            if started and not keep:
+                session.stop()
+                err.print(f"[dim]stopped {session.id}[/dim]")
+            elif started:
+                err.print(f"[dim]kept {session.id} running: codestation stop {session.id}[/dim]")
+
+
+def _follow_turn(client: Client, session: Session, text: str, model: str | None) -> Reply:
+    """Send `text`, print the reply as the agent writes it and each tool as it ends; the
+    reply once the turn is over."""
+    events = client.agent_events(session.id)
+    next(events)  # the stream is open: nothing the turn does is missed
+    accepted = session.prompt(text, wait=False, model=model)
+    kinds: dict[str, str] = {}  # part id: text, reasoning, tool ...
+    said = ""  # the error OpenCode reported for the turn, if any
+    try:
+        for event in events:
+            found = event.properties
+            part = found.get("part") if isinstance(found.get("part"), dict) else {}
+            assert isinstance(part, dict)
+            if (found.get("sessionID") or part.get("sessionID")) != accepted.opencode_session:
+                continue
+            if event.type == "message.part.updated":
+                kinds[str(part.get("id"))] = str(part.get("type"))
+                state = part.get("state") if isinstance(part.get("state"), dict) else {}
+                assert isinstance(state, dict)
+                if part.get("type") == "tool" and state.get("status") in ("completed", "error"):
+                    title = state.get("title") or state.get("status")
+                    err.print(f"[dim]· {part.get('tool')}: {title}[/dim]", highlight=False)
+            elif event.type == "message.part.delta" and found.get("field") == "text":
+                if kinds.get(str(found.get("partID")), "text") == "text":
+                    out.print(str(found.get("delta", "")), end="", soft_wrap=True, highlight=False)
+            elif event.type == "session.error":
+                failure = found.get("error") if isinstance(found.get("error"), dict) else {}
+                assert isinstance(failure, dict)
+                data = failure.get("data") if isinstance(failure.get("data"), dict) else {}
+                assert isinstance(data, dict)
+                said = str(data.get("message") or failure.get("name") or "unknown error")
+            elif event.type == "session.idle":
+                break
+    finally:
+        events.close()
+    reply = session.reply(accepted)
+    if reply.error is None and (said or not reply.finished):
+        reply = reply.model_copy(update={"error": said or "the turn ended without a reply"})
+    return reply
+
+
+def _print_changes(changes: Changes) -> None:
+    if not changes.files:
+        err.print("no changes in the workspace")
+        return
+    err.print(f"changes: {changes.added} added, {changes.modified} modified, "
+              f"{changes.deleted} deleted")  # fmt: skip
+    marks = {"added": "[green]A", "modified": "[yellow]M", "deleted": "[red]D"}
+    for change in changes.files:
+        err.print(f"  {marks[change.change]}[/] {change.path}", highlight=False)
+    if changes.truncated:
+        err.print("  ... (more: GET /api/v1/code/session/<id>/changes)")
 
 
 @app.command("ls")

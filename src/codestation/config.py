@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +28,9 @@ DEFAULT_CONFIG_FILE = Path("~/.config/codestation/config.toml")
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 SIZE = r"^\d+[bkmg]?$"
+_SECRET_KEY = re.compile(r"key|token|secret|password|passwd|credential", re.IGNORECASE)
+# OpenCode's own substitutions: a value read from the agent's environment or a file.
+_REFERENCE = re.compile(r"\{(env|file):[^{}]+\}")
 _UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -55,6 +58,44 @@ class Limits(BaseModel):
     )
 
 
+# A secret travels to the sandbox as an environment variable of this name.
+SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+_RESERVED_ENV = ("OPENCODE_", "HOME", "PATH", "CODESTATION_")
+
+
+class SecretRef(BaseModel):
+    """Where a secret's value is kept: a variable of the service's environment, or a file.
+    Only the reference lives in the settings; the value is read when a session starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    env: str | None = Field(default=None, description="A variable of codestation's environment.")
+    file: Path | None = Field(default=None, description="A file holding the value.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("a secret names exactly one source: { env = \"VAR\" } or "
+                             "{ file = \"/path\" }")  # fmt: skip
+        return self
+
+    def value(self) -> SecretStr | None:
+        """The secret's value, or None if its source is missing or empty."""
+        if self.env is not None:
+            found = os.environ.get(self.env, "")
+        else:
+            assert self.file is not None
+            try:
+                with open(self.file, "rb") as f:
+                    found = f.read(65537).decode().strip()
+            except (OSError, UnicodeDecodeError):
+                return None
+        return SecretStr(found) if found else None
+
+    def __str__(self) -> str:
+        return f"the variable {self.env}" if self.env else f"the file {self.file}"
+
+
 class EnvironmentProfile(BaseModel):
     """What a session started with `environment=<name>` gets."""
 
@@ -71,12 +112,29 @@ class EnvironmentProfile(BaseModel):
         "unset means codestation's own sandbox image, built on first need.",
     )
     env: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment variables, e.g. a provider's API key."
+        default_factory=dict,
+        description="Extra environment variables for the agent; shown as they are, so keep "
+        "keys and tokens in secrets.",
     )
     opencode_config: dict[str, Any] = Field(
         default_factory=dict,
         description="OpenCode configuration (provider, model, ...), "
         "passed as OPENCODE_CONFIG_CONTENT.",
+    )
+    provider: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="OpenCode's `provider` block: the model providers this environment's agent "
+        "may use, e.g. an @ai-sdk/openai-compatible one with options.baseURL. Write a key as "
+        "{env:NAME} and give NAME in secrets.",
+    )
+    model: str | None = Field(
+        default=None, description="The default model, as OpenCode names it: `provider/model`."
+    )
+    secrets: dict[str, SecretRef] = Field(
+        default_factory=dict,
+        description="Environment variables for the agent whose values are read, when a session "
+        "starts, from codestation's own environment or a file: "
+        '`API_KEY = { env = "OPENAI_API_KEY" }`. Only the sandbox gets the values.',
     )
     limits: Limits | None = Field(default=None, description="Unset: the service's limits.")
     network: Literal["none", "egress", "full"] = Field(
@@ -100,6 +158,41 @@ class EnvironmentProfile(BaseModel):
         default=None, ge=0, description="Unset: the service's idle_timeout."
     )
     max_age: float | None = Field(default=None, ge=0, description="Unset: the service's max_age.")
+
+    @model_validator(mode="after")
+    def _secrets_by_reference(self) -> EnvironmentProfile:
+        for name in self.secrets:
+            if not SECRET_NAME.match(name) or name.startswith(_RESERVED_ENV):
+                raise ValueError(
+                    f"secret name {name!r}: use capitals, digits and _, not beginning with "
+                    f"{', '.join(_RESERVED_ENV)}"
+                )
+            if name in self.env:
+                raise ValueError(f"{name} is both in env and in secrets; keep it in secrets")
+        for path, value in _leaves(self.agent_config().get("provider", {})):
+            literal = isinstance(value, str) and not _REFERENCE.fullmatch(value.strip())
+            if literal and value.strip() and _SECRET_KEY.search(path.rsplit(".", 1)[-1]):
+                raise ValueError(
+                    f"provider {path} holds a literal value; name a secret instead: write "
+                    '"{env:API_KEY}" there and API_KEY = { env = "..." } under secrets'
+                )
+        return self
+
+    def agent_config(self) -> dict[str, Any]:
+        """OpenCode's configuration for this environment: `opencode_config`, then the
+        provider and model named on their own."""
+        config = dict(self.opencode_config)
+        if self.provider:
+            config["provider"] = {**config.get("provider", {}), **self.provider}
+        if self.model:
+            config["model"] = self.model
+        return config
+
+
+def _leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{path}.{k}".strip("."))]
+    return [(path, value)]
 
 
 class UserProfile(BaseModel):
@@ -389,9 +482,6 @@ def config_file_path() -> Path | None:
         return path
     default = DEFAULT_CONFIG_FILE.expanduser()
     return default if default.is_file() else None
-
-
-_SECRET_KEY = re.compile(r"key|token|secret|password|passwd|credential", re.IGNORECASE)
 
 
 def masked(value: Any) -> Any:

@@ -9,12 +9,15 @@
     ├── Unauthorized                  401 unauthorized        (no token, or a bad one)
     ├── Forbidden                     403 forbidden
     │   └── CsrfFailed                403 csrf_failed
+    ├── NotRunning                    409 not_running         (a prompt to a stopped session)
     ├── PayloadTooLarge               413 payload_too_large
     ├── TooManySessions               429 too_many_sessions
     ├── TooManyStreams                429 too_many_streams    (event streams, followed logs)
     ├── Unavailable                   503 unavailable
     │   ├── NoFreePort                503 no_free_port
     │   ├── AtCapacity                503 capacity            (the host is full)
+    │   ├── SecretMissing             503 secret_missing      (an environment's secret is unset)
+    │   ├── AgentUnavailable          503 agent_unavailable   (the session's OpenCode won't answer)
     │   └── RuntimeUnavailable        503 runtime_unavailable
     └── StartFailed                   (a session's failure reason, never an HTTP answer)
         ├── StartTimeout
@@ -71,6 +74,11 @@ class CsrfFailed(Forbidden):
     code = "csrf_failed"
 
 
+class NotRunning(CodestationError):
+    status_code = 409
+    code = "not_running"
+
+
 class PayloadTooLarge(CodestationError):
     status_code = 413
     code = "payload_too_large"
@@ -97,6 +105,14 @@ class NoFreePort(Unavailable):
 
 class AtCapacity(Unavailable):
     code = "capacity"
+
+
+class SecretMissing(Unavailable):
+    code = "secret_missing"
+
+
+class AgentUnavailable(Unavailable):
+    code = "agent_unavailable"
 
 
 class RuntimeUnavailable(Unavailable):

@@ -24,7 +24,7 @@ import logging
 import pwd
 import secrets
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +32,8 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import SecretStr
 
-from codestation import agent
+from codestation import agent, prompts
+from codestation.changes import Changes
 from codestation.config import Limits, Settings, size_bytes
 from codestation.errors import (
     AgentExited,
@@ -40,6 +41,7 @@ from codestation.errors import (
     BadRequest,
     CodestationError,
     Forbidden,
+    NotRunning,
     RuntimeUnavailable,
     SessionNotFound,
     StartTimeout,
@@ -51,6 +53,7 @@ from codestation.identity import Caller
 from codestation.ports import PortAllocator
 from codestation.runtimes import LaunchSpec, Runtime, State, choose_runtime
 from codestation.sessions import Session, Status, new_session_id, now
+from codestation.snapshots import Snapshots
 from codestation.store import Full, LimitReached, Quota, Store
 from codestation.workspaces import Workspace, check_owner, open_workspace
 
@@ -62,6 +65,7 @@ PROBE_INTERVAL = 0.1
 ACTIVITY_TIMEOUT = 10.0  # seconds an agent has to say whether it is busy
 EVENTS_BUFFERED = 256  # changes a subscriber may fall behind by before it is dropped
 PROBE_TIMEOUT = 1.0
+AGENT_INTERVAL = 3.0  # seconds between looks at whether each agent is working
 
 
 class SessionManager:
@@ -78,6 +82,11 @@ class SessionManager:
         self._launches: dict[str, asyncio.Task[None]] = {}
         self._prepare_lock = asyncio.Lock()
         self._http = httpx.AsyncClient()
+        # Prompts and event streams may last as long as a turn: no shared pool limit.
+        self._agent_http = httpx.AsyncClient(limits=httpx.Limits(max_connections=None))
+        self.busy: dict[str, bool] = {}  # whether each running session's agent is working
+        self.snapshots = Snapshots(settings.data_dir / "snapshots")
+        self._was_busy: dict[str, bool] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._touched: dict[str, datetime] = {}
         self._unpollable: set[str] = set()
@@ -95,6 +104,7 @@ class SessionManager:
         self._loops = [
             asyncio.create_task(self._every(self.settings.watch_interval, self.watch)),
             asyncio.create_task(self._every(self.settings.cull_interval, self.cull)),
+            asyncio.create_task(self._every(AGENT_INTERVAL, self.observe)),
             *(asyncio.create_task(self._follow_ends(r)) for r in self.runtimes.values()),
         ]
 
@@ -110,6 +120,7 @@ class SessionManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._http.aclose()
+        await self._agent_http.aclose()
         for runtime in self.runtimes.values():
             await runtime.close()
 
@@ -137,6 +148,7 @@ class SessionManager:
         removed = 0
         for name in answering:
             removed += await self._remove_orphans(name)
+        self.snapshots.sweep({s.id for s in self.store.list(live_only=True)})
         if live or removed:
             log.info(
                 "reconciled %d live session(s); removed %d orphan sandbox(es)", len(live), removed
@@ -236,6 +248,19 @@ class SessionManager:
         terminal input. Kept in memory (it can come many times a second), saved by `cull`."""
         self._touched[session.id] = now()
 
+    async def observe(self) -> None:
+        """Note whether each running session's agent is working, and tell subscribers when
+        that changes (the sessions page shows it)."""
+        running = self.running()
+        seen = await asyncio.gather(
+            *(agent.is_busy(self._http, self._local_url(s), s.password) for s in running)
+        )
+        self.busy = {s.id: busy for s, busy in zip(running, seen, strict=True) if busy is not None}
+        for session, busy in zip(running, seen, strict=True):
+            if busy is not None and busy != self._was_busy.get(session.id):
+                self._publish("session", session)
+        self._was_busy = dict(self.busy)
+
     async def cull(self) -> None:
         """Stop running sessions idle longer than their idle_timeout or older than their
         max_age. Activity is the latest of: API calls about the session, the agent working or
@@ -317,8 +342,61 @@ class SessionManager:
     def web_url(self, session: Session) -> str:
         return self.settings.web_url(session.id)
 
+    def opencode_url(self, session: Session) -> str:
+        return f"{self.settings.service_url}/api/v1/code/session/{session.id}/opencode"
+
+    def agent(self, caller: Caller, session_id: str) -> prompts.Agent:
+        """How to reach the running session's OpenCode, for work `caller` asks of it."""
+        session = self.get(caller, session_id)
+        if session.status is not Status.RUNNING:
+            raise NotRunning(
+                f"session {session_id} is {session.status}, so its agent cannot take work; "
+                "start a new session (POST /api/v1/code/start)."
+            )
+        self.touch(session)
+        return prompts.Agent(session.id, self._local_url(session), session.password,
+                             self._agent_http)  # fmt: skip
+
     def _local_url(self, session: Session) -> str:
         return f"http://{self.settings.local_host}:{session.port}"
+
+    async def agent_events(self, caller: Caller, session_id: str) -> AsyncGenerator[bytes, None]:
+        """The agent's own event stream (OpenCode's, for /workspace), as it comes, until the
+        session stops or its OpenCode ends the stream."""
+        upstream = prompts.events(self.agent(caller, session_id))
+        pending: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                pending = pending or asyncio.ensure_future(anext(upstream))
+                done, _ = await asyncio.wait({pending}, timeout=1.0)
+                if not done:
+                    found = self.store.get(session_id)
+                    if found is None or found.status is not Status.RUNNING:
+                        return
+                    continue
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
+                yield chunk
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            await upstream.aclose()
+
+    async def changes(self, caller: Caller, session_id: str) -> Changes:
+        """What changed in the running session's workspace since it started."""
+        session = self.get(caller, session_id)
+        if session.status is not Status.RUNNING:
+            raise NotRunning(
+                f"session {session_id} is {session.status}; what changed is kept only while it "
+                "runs (its snapshot goes when it stops)."
+            )
+        self.touch(session)
+        return await self.snapshots.report(session_id, session.workspace)
 
     async def logs(self, caller: Caller, session_id: str, tail: int) -> str:
         session = self.get(caller, session_id)
@@ -364,6 +442,7 @@ class SessionManager:
         )
         age = _bounded("max_age", max_age, profile.max_age, self.settings.max_age, environment)
         limits = profile.limits or self.settings.limits
+        secret_values = agent.secret_values(profile, environment)
         runtime = await self._runtime(profile.runtime or self.default_runtime)
         opened = open_workspace(
             workspace, self.settings.roots_for(caller.user), self.settings.reserved_dirs
@@ -380,7 +459,7 @@ class SessionManager:
             workspace=opened,
             address=self.settings.publish_address,
             port=session.port,
-            env=agent.agent_env(session.password, profile),
+            env=agent.agent_env(session.password, profile, secret_values),
             profile=profile,
             limits=limits,
             uid=opened.uid,
@@ -497,7 +576,13 @@ class SessionManager:
     ) -> None:
         try:
             if spec is not None:
-                state = await self._launch_sandbox(runtime, spec)
+                # Taken while the sandbox is prepared: the agent does nothing before a prompt.
+                taking = self.snapshots.take(spec.session_id, spec.workspace)
+                snapshot = asyncio.ensure_future(taking)
+                try:
+                    state = await self._launch_sandbox(runtime, spec)
+                finally:
+                    await asyncio.shield(snapshot)
             else:
                 assert resume is not None
                 state = resume
@@ -576,6 +661,7 @@ class SessionManager:
             self._save(
                 session.advance(Status.FAILED, error=error, log_tail=tail or None, step=None)
             )
+        self.snapshots.discard(session_id)
         log.warning("session %s failed: %s", session_id, reason)
 
     # -- stopping --------------------------------------------------------------------------
@@ -657,6 +743,7 @@ class SessionManager:
                 ) from exc
             session = session.advance(Status.STOPPED, log_tail=tail or session.log_tail, step=None)
             self._save(session)
+        self.snapshots.discard(session_id)
         log.info("session %s stopped", session_id)
         return session
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +48,15 @@ class SessionInfo(BaseModel):
     web_url: str | None = Field(
         description="OpenCode's web UI through codestation, on the session's own host name, "
         "with no password prompt; set while the session is running."
+    )
+    opencode_url: str | None = Field(
+        default=None,
+        description="OpenCode's API through codestation on its own address, for OpenCode's "
+        "clients: `opencode run --attach <opencode_url> --password <your token>`; set while "
+        "the session is running.",
+    )
+    agent: Literal["busy", "idle"] | None = Field(
+        default=None, description="Whether the agent is working, as last seen; unset: unknown."
     )
     port: int
     workspace: str
@@ -133,3 +142,89 @@ class EnvironmentInfo(BaseModel):
 
 class EnvironmentList(BaseModel):
     environments: list[EnvironmentInfo]
+
+
+class PromptRequest(BaseModel):
+    """A prompt for a session's agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=200_000, description="What to ask the agent.")
+    model: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._@-]+/[^\s]+$",
+        description="`provider/model`; unset: the environment's default.",
+    )
+    agent: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="OpenCode's agent, e.g. build."
+    )
+    opencode_session: str | None = Field(
+        default=None,
+        pattern=r"^ses_[A-Za-z0-9]{1,64}$",
+        description="Continue this OpenCode session; unset: a new one.",
+    )
+    wait: bool = Field(default=False, description="Answer with the reply once the turn ends.")
+
+
+class PromptAccepted(BaseModel):
+    opencode_session: str
+    message: str = Field(description="The id of the prompt's message in OpenCode.")
+
+
+class Tokens(BaseModel):
+    input: int = 0
+    output: int = 0
+    reasoning: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+
+    def plus(self, found: Any) -> Tokens:
+        """These tokens and those of one of OpenCode's messages (`tokens` as it reports it)."""
+        if not isinstance(found, dict):
+            return self
+        cache: dict[str, Any] = found["cache"] if isinstance(found.get("cache"), dict) else {}
+
+        def count(value: Any) -> int:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            return int(value) if ok else 0
+
+        return Tokens(
+            input=self.input + count(found.get("input")),
+            output=self.output + count(found.get("output")),
+            reasoning=self.reasoning + count(found.get("reasoning")),
+            cache_read=self.cache_read + count(cache.get("read")),
+            cache_write=self.cache_write + count(cache.get("write")),
+        )
+
+
+class ToolUse(BaseModel):
+    tool: str = Field(description="e.g. write, edit, bash.")
+    status: str = Field(description="completed, error, or running while the turn goes on.")
+    title: str | None = None
+    input: dict[str, Any] = Field(default_factory=dict)
+    output: str | None = Field(default=None, description="Its output or error, shortened.")
+
+
+class Reply(PromptAccepted):
+    """What the agent answered to one prompt."""
+
+    text: str = Field(description="Its text, every step's, in order.")
+    tools: list[ToolUse]
+    tokens: Tokens
+    cost: float = Field(description="As OpenCode reports it, in dollars (0 where unknown).")
+    error: str | None = Field(default=None, description="Why the turn failed or was aborted.")
+    finished: bool = Field(description="Whether the turn has ended.")
+
+
+class AbortResponse(BaseModel):
+    aborted: list[str] = Field(description="The OpenCode sessions whose turn was ended.")
+
+
+class AgentEvent(BaseModel):
+    """One of the agent's events, as OpenCode sends it: `type` (e.g. `message.part.delta`,
+    `message.part.updated`, `session.status`, `session.idle`) and its `properties`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    properties: dict[str, Any] = Field(default_factory=dict)

@@ -9,6 +9,7 @@ still leased or held.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -352,3 +353,82 @@ def agent_pid(session: SessionInfo) -> int:
         except (OSError, ValueError):
             continue
     raise LookupError("no OpenCode process for the session")
+
+
+@dataclass(frozen=True)
+class Model:
+    """The scripted model server (`tests/e2e/llm.py`), in a network namespace of its own on an
+    address no rule treats as private, as a real provider is: sandboxes reach it with the
+    default `egress` network. `key` is the API key its environment names as a secret."""
+
+    root: str  # http://address:port
+    key: str
+    env_var: str  # the service's variable that holds `key`
+
+    @property
+    def url(self) -> str:
+        """What OpenCode's baseURL is."""
+        return f"{self.root}/v1"
+
+    def requests(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = httpx.get(f"{self.root}/_requests", timeout=10).json()[
+            "requests"
+        ]
+        return found
+
+    def environment(self, **extra: Any) -> dict[str, Any]:
+        """An environment profile whose agent uses this model, its key given as a secret."""
+        return {
+            "provider": {
+                "scripted": {
+                    "npm": "@ai-sdk/openai-compatible",
+                    "name": "Scripted",
+                    "options": {"baseURL": self.url, "apiKey": "{env:MODEL_KEY}"},
+                    "models": {"mock-model": {"name": "Mock"}},
+                }
+            },
+            "model": "scripted/mock-model",
+            "secrets": {"MODEL_KEY": {"env": self.env_var}},
+            **extra,
+        }
+
+
+@pytest.fixture(scope="session")
+def model() -> Iterator[Model]:
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    name, subnet = f"csmodel{worker}", f"198.19.{worker}"
+    inside = ["ip", "netns", "exec", name]
+
+    def sh(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    for leftover in (("netns", "del", name), ("link", "del", f"{name}h")):  # a killed run's
+        with contextlib.suppress(subprocess.CalledProcessError):
+            sh("ip", *leftover)
+    sh("ip", "netns", "add", name)
+    sh("ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", f"{name}n")
+    sh("ip", "link", "set", f"{name}n", "netns", name)
+    sh("ip", "addr", "add", f"{subnet}.2/24", "dev", f"{name}h")
+    sh("ip", "link", "set", f"{name}h", "up")
+    sh(*inside, "ip", "addr", "add", f"{subnet}.1/24", "dev", f"{name}n")
+    sh(*inside, "ip", "link", "set", f"{name}n", "up")
+    sh(*inside, "ip", "link", "set", "lo", "up")
+    server = subprocess.Popen(
+        [*inside, sys.executable, "-m", "tests.e2e.llm", "--host", f"{subnet}.1", "--port", "8000"],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.DEVNULL,
+    )
+    found = Model(f"http://{subnet}.1:8000", f"sk-test-{secrets.token_hex(12)}", "CS_TEST_KEY")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            found.requests()
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "the scripted model server did not come up"
+            time.sleep(0.2)
+    yield found
+    server.terminate()
+    server.wait(10)
+    with contextlib.suppress(subprocess.CalledProcessError):
+        sh("ip", "netns", "del", name)

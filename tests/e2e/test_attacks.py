@@ -18,7 +18,7 @@ pytestmark = pytest.mark.runtimes("bwrap")  # the API's answers do not depend on
 
 
 def running(service: Service, workspace: Path) -> SessionInfo:
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     return session
 

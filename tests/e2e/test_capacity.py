@@ -15,7 +15,7 @@ def test_a_start_past_the_memory_budget_is_refused(
     start_service: ServiceFactory, workspace: Path, runtime: str
 ) -> None:
     service = start_service(memory_budget="5g")  # one session at the default 4g, not two
-    first = service.client.wait(service.client.start(str(workspace)).id)
+    first = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert first.status is Status.RUNNING, first.error
     capacity = service.client.health()["capacity"]
     assert capacity == {
@@ -28,7 +28,7 @@ def test_a_start_past_the_memory_budget_is_refused(
     assert "4.0 GiB of its 5.0 GiB memory budget" in refused.json()["error"]
     assert len(service.client.sessions()) == 1  # nothing half-made
     service.client.stop(first.id)
-    second = service.client.wait(service.client.start(str(workspace)).id)
+    second = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert second.status is Status.RUNNING, second.error
     service.client.stop(second.id)
 
@@ -37,9 +37,9 @@ def test_a_start_past_max_live_sessions_is_refused(
     start_service: ServiceFactory, workspace: Path, runtime: str
 ) -> None:
     service = start_service(max_live_sessions="1")
-    first = service.client.start(str(workspace))
+    first = service.client.start(str(workspace), wait=False)
     with pytest.raises(AtCapacity, match="1 sessions are live"):
-        service.client.start(str(workspace))
+        service.client.start(str(workspace), wait=False)
     service.client.stop(first.id)
     assert service.client.health()["capacity"]["sessions"] == 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from codestation import Status
-from tests.e2e.conftest import Service, snapshot
+from tests.e2e.conftest import Model, Service, ServiceFactory, snapshot
 
 
 def cli(service: Service, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -62,7 +62,7 @@ def test_start_ls_status_logs_stop(service: Service, workspace: Path, runtime: s
 def test_follow_streams_new_lines_and_ends_when_the_session_stops(
     service: Service, workspace: Path
 ) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     follower = subprocess.Popen(
         [sys.executable, "-m", "codestation.cli", "logs", "--follow", session.id],
         env={**service.env, "CODESTATION_URL": service.url},
@@ -106,7 +106,7 @@ def test_follow_streams_new_lines_and_ends_when_the_session_stops(
 
 
 def test_rm_stops_and_forgets_a_session(service: Service, workspace: Path) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     assert service.leftovers() != []  # its sandbox runs, and the check below would see it
     before = snapshot(workspace)
@@ -156,3 +156,33 @@ def test_config_masks_secrets(service: Service, tmp_path: Path) -> None:
     assert shown["environments"]["hosted"]["env"]["OPENAI_API_KEY"] == "********"
     assert "sk-very-secret" not in result.stdout
     assert str(config) in result.stderr
+
+
+def test_run_streams_the_reply_prints_the_changes_and_stops(
+    start_service: ServiceFactory, model: Model, workspace: Path
+) -> None:
+    service = start_service(
+        environments=json.dumps({"agent": model.environment()}), env={model.env_var: model.key}
+    )
+    done = cli(service, "run", str(workspace), "please write ran.txt: from the cli", "-e", "agent")
+    assert "Wrote ran.txt." in done.stdout
+    assert "· write" in done.stderr
+    assert "1 added" in done.stderr
+    assert re.search(r"A ran\.txt", done.stderr)
+    assert (workspace / "ran.txt").read_text() == "from the cli"
+    assert [s.status for s in service.client.sessions()] == [Status.STOPPED]
+
+    # --keep leaves it running, and the next run there uses it, and leaves it running.
+    kept = cli(service, "run", str(workspace), "just say hi", "-e", "agent", "--keep")
+    running = [s for s in service.client.sessions() if s.status is Status.RUNNING]
+    assert len(running) == 1, kept.stderr
+    again = cli(service, "run", str(workspace), "please write again.txt: more", "-e", "agent")
+    assert f"session {running[0].id} (running)" in again.stderr
+    assert re.search(r"A again\.txt", again.stderr)
+    assert service.client.get(running[0].id).status is Status.RUNNING
+
+    # A turn that fails (a model the provider does not have) exits 1, saying why.
+    failed = cli(service, "run", str(workspace), "hello", "-e", "agent",
+                 "--model", "scripted/no-such-model", check=False)  # fmt: skip
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "error" in failed.stderr

@@ -33,7 +33,9 @@ def running(
     idle_timeout: float | None = None,
     max_age: float | None = None,
 ) -> SessionInfo:
-    started = service.client.start(str(workspace), idle_timeout=idle_timeout, max_age=max_age)
+    started = service.client.start(
+        str(workspace), idle_timeout=idle_timeout, max_age=max_age, wait=False
+    )
     session = service.client.wait(started.id)
     assert session.status is Status.RUNNING, session.error
     return session
@@ -115,7 +117,7 @@ def test_a_session_cannot_ask_for_more_than_its_environment_allows(
             assert answer.status_code in (400, 422), answer.text
             assert field in answer.json()["error"]
         assert http.get("/api/v1/code/sessions").json() == {"sessions": []}
-    session = service.client.start(str(workspace), idle_timeout=60)
+    session = service.client.start(str(workspace), idle_timeout=60, wait=False)
     assert (session.idle_timeout, session.max_age) == (60, 3600)
     service.client.stop(session.id)
 

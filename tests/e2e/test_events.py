@@ -48,7 +48,7 @@ def test_the_stream_shows_a_session_s_whole_life(service: Service, workspace: Pa
     threading.Thread(target=listen, args=(service, events, stop), daemon=True).start()
     assert next_event(events, "snapshot") == {"sessions": []}
 
-    started = service.client.start(str(workspace))
+    started = service.client.start(str(workspace), wait=False)
     assert next_event(events, "session", id=started.id, status="starting")["step"] == "queued"
     steps = []
     while (data := next_event(events, "session", id=started.id))["status"] == "starting":

@@ -17,7 +17,7 @@ def test_a_start_that_times_out_fails_and_cleans_up(
 ) -> None:
     # OpenCode needs about 2-3 s to answer; half a second is never enough.
     service = start_service(start_timeout="0.5")
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.FAILED
     assert session.error is not None
     assert "did not answer" in session.error
@@ -36,7 +36,7 @@ def test_an_agent_that_exits_fails_with_its_log(
     os.chown(workspace, 4321, 4321)
     environments = {"broken": {"env": {"HOME": "/nonexistent"}}}
     service = start_service(environments=json.dumps(environments))
-    started = service.client.start(str(workspace), environment="broken")
+    started = service.client.start(str(workspace), environment="broken", wait=False)
     session = service.client.wait(started.id, timeout=120)
     assert session.status is Status.FAILED, session
     assert session.error is not None
@@ -53,7 +53,9 @@ def test_an_image_without_opencode_fails_cleanly(
     # pulled base stands in. Either lacks OpenCode.
     environments = {"bare": {"image": FALLBACK_BASE}}
     service = start_service(environments=json.dumps(environments))
-    session = service.client.wait(service.client.start(str(workspace), "bare").id, timeout=120)
+    session = service.client.wait(
+        service.client.start(str(workspace), "bare", wait=False).id, timeout=120
+    )
     assert session.status is Status.FAILED
     assert session.error is not None
     # Docker finds no OpenCode in it; bubblewrap runs no images, and says so.

@@ -37,7 +37,7 @@ def settle(service: Service, seconds: float = 120) -> list[SessionInfo]:
     """The sessions once none is starting or stopping any more."""
     deadline = time.monotonic() + seconds
     while True:
-        sessions = service.client.sessions()
+        sessions: list[SessionInfo] = list(service.client.sessions())
         busy = [s for s in sessions if s.status in (Status.STARTING, Status.STOPPING)]
         if not busy or time.monotonic() > deadline:
             assert not busy, f"stuck: {[(s.id, s.status, s.step) for s in busy]}"
@@ -68,7 +68,7 @@ def test_sigkill_while_running_keeps_the_session(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     service = start_service()
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     service.restart(signal.SIGKILL)
     again = service.client.session(session.id)
@@ -85,7 +85,7 @@ def test_sigkill_mid_start_finishes_or_fails_cleanly(
     ids = []
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
-        ids.append(service.client.start(str(tmp_path / name)).id)
+        ids.append(service.client.start(str(tmp_path / name), wait=False).id)
     time.sleep(0.3)  # some launched, some maybe not yet
     service.restart(signal.SIGKILL)
     sessions = {s.id: s for s in settle(service)}
@@ -103,7 +103,7 @@ def test_stop_on_shutdown_stops_every_session(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     service = start_service(stop_on_shutdown="true")
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     service.stop_process(signal.SIGTERM)
     assert service.leftovers() == []
@@ -115,7 +115,7 @@ def test_stop_on_shutdown_stops_every_session(
 
 
 def test_concurrent_stops_are_safe(service: Service, workspace: Path) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda _: service.client.stop(session.id), range(6)))
     assert {r.status for r in results} == {Status.STOPPED}
@@ -132,7 +132,7 @@ def test_kill_9_in_a_loop_leaves_the_store_whole(
         ws = tmp_path / f"round-{round_}"
         ws.mkdir()
         for _ in range(2):
-            service.client.start(str(ws))
+            service.client.start(str(ws), wait=False)
         running = [s for s in service.client.sessions() if s.status is Status.RUNNING]
         if running:
             with ThreadPoolExecutor(1) as pool:
@@ -152,7 +152,7 @@ def test_kill_9_in_a_loop_leaves_the_store_whole(
 
 @pytest.mark.runtimes("docker")
 def test_docker_kill_is_noticed_within_two_seconds(service: Service, workspace: Path) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     engine = docker.from_env()
     engine.containers.get(f"codestation-{session.id}").kill()
     engine.close()
@@ -174,7 +174,7 @@ def test_the_engine_s_events_report_a_death_without_the_poll(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     service = start_service(watch_interval="3600")  # the backstop poll never comes
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     engine = docker.from_env()
     engine.containers.get(f"codestation-{session.id}").kill()
     engine.close()
@@ -205,7 +205,7 @@ def test_orphan_containers_are_removed_at_start_up(
 
 @pytest.mark.runtimes("docker")
 def test_a_docker_engine_restart_leaves_nothing_stuck(service: Service, workspace: Path) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING
     restart_dockerd()
     failed = settle_failed(service, session.id)
@@ -218,7 +218,7 @@ def test_a_docker_engine_restart_leaves_nothing_stuck(service: Service, workspac
         assert time.monotonic() < deadline, service.leftovers()
         time.sleep(0.5)
     # And the engine serves new sessions again.
-    again = service.client.wait(service.client.start(str(workspace)).id)
+    again = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert again.status is Status.RUNNING, again.error
     assert healthy(again)
     service.client.stop(again.id)

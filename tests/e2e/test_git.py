@@ -44,7 +44,7 @@ PLANT = {
 def running(start_service: ServiceFactory, workspace: Path, environment: str) -> SessionInfo:
     environments = {"open": {"git_writable": True}}
     service = start_service(environments=json.dumps(environments))
-    session = service.client.wait(service.client.start(str(workspace), environment).id)
+    session = service.client.wait(service.client.start(str(workspace), environment, wait=False).id)
     assert session.status is Status.RUNNING, session.error
     return session
 

@@ -49,7 +49,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     service = launch(tmp, free_range(4), {}, runtime="bwrap")
     project = tmp / "project"
     project.mkdir()
-    session = service.client.wait(service.client.start(str(project)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(project), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     expired = service.make_token("eve", expires="0.00002")  # under two seconds
     revoked = service.make_token("eve")

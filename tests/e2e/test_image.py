@@ -38,7 +38,7 @@ def test_a_missing_image_is_built_on_first_need_and_then_reused(
         if info.step and info.step not in steps:
             steps.append(info.step)
 
-    first = service.client.wait(service.client.start(str(workspace)).id, on_update=seen)
+    first = service.client.wait(service.client.start(str(workspace), wait=False).id, on_update=seen)
     assert first.status is Status.RUNNING, first.error
     # The build shows as a step of its own, before OpenCode is launched.
     assert steps.index("preparing the sandbox") < steps.index("waiting for OpenCode"), steps
@@ -46,7 +46,7 @@ def test_a_missing_image_is_built_on_first_need_and_then_reused(
     assert built.attrs["Config"]["Labels"]["org.codestation.sandbox"] == "true"
     service.client.stop(first.id)
 
-    second = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    second = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert second.status is Status.RUNNING, second.error
     assert engine.images.get(tag).id == built.id  # not rebuilt
     container = engine.containers.get(f"codestation-{second.id}")
@@ -75,7 +75,7 @@ def test_another_base_image_makes_another_sandbox_image(
     assert tag != default_tag
     try:
         service = start_service(sandbox_base_image=other.sandbox_base_image)
-        session = service.client.wait(service.client.start(str(workspace)).id)
+        session = service.client.wait(service.client.start(str(workspace), wait=False).id)
         assert session.status is Status.RUNNING, session.error
         container = engine.containers.get(f"codestation-{session.id}")
         assert container.image is not None

@@ -48,7 +48,7 @@ def tokens(team: Service) -> dict[str, str]:
 @pytest.fixture
 def alices(team: Service, tokens: dict[str, str], tmp_path: Path) -> SessionInfo:
     alice = team.client_for(tokens["alice"])
-    started = alice.start(str(owned_by(tmp_path / "alice-project", USERS["alice"])))
+    started = alice.start(str(owned_by(tmp_path / "alice-project", USERS["alice"])), wait=False)
     session = alice.wait(started.id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     assert session.owner == "alice"
@@ -154,17 +154,17 @@ def test_only_the_owner_s_workspaces_and_never_root_s(
     bobs = owned_by(tmp_path / "bob-project", USERS["bob"])
     roots = owned_by(tmp_path / "root-project", 0)
     with pytest.raises(WorkspaceRejected, match="belongs to uid 4322, not to you"):
-        alice.start(str(bobs))
+        alice.start(str(bobs), wait=False)
     with pytest.raises(WorkspaceRejected, match="belongs to root"):
-        alice.start(str(roots))
+        alice.start(str(roots), wait=False)
     assert alice.sessions() == []
     # carol has a token but no Unix account and no uid configured: nowhere to work.
     carol = team.client_for(team.make_token("carol"))
     with pytest.raises(WorkspaceRejected, match="no Unix account"):
-        carol.start(str(owned_by(tmp_path / "carol-project", 4323)))
+        carol.start(str(owned_by(tmp_path / "carol-project", 4323)), wait=False)
     # An admin may (admin_any_owner): the agent then runs as the owner, root here.
     admin = team.client_for(tokens["admin"])
-    session = admin.wait(admin.start(str(roots)).id, timeout=120)
+    session = admin.wait(admin.start(str(roots), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     admin.stop(session.id)
 
@@ -174,15 +174,15 @@ def test_a_user_s_live_sessions_are_capped(
 ) -> None:
     alice = team.client_for(tokens["alice"])
     project = owned_by(tmp_path / "alice-many", USERS["alice"])
-    started = [alice.start(str(project)) for _ in range(3)]
+    started = [alice.start(str(project), wait=False) for _ in range(3)]
     with pytest.raises(TooManySessions, match="3 live sessions"):
-        alice.start(str(project))
+        alice.start(str(project), wait=False)
     assert len(alice.sessions()) == 3
     # bob is not counted against alice
     bob = team.client_for(tokens["bob"])
-    bob.stop(bob.start(str(owned_by(tmp_path / "bob-one", USERS["bob"]))).id)
+    bob.stop(bob.start(str(owned_by(tmp_path / "bob-one", USERS["bob"])), wait=False).id)
     alice.stop(started[0].id)
-    alice.stop(alice.start(str(project)).id)  # room again
+    alice.stop(alice.start(str(project), wait=False).id)  # room again
     for s in started[1:]:
         alice.stop(s.id)
 
@@ -198,6 +198,6 @@ def test_per_user_roots(launch_service: ServiceFactory, runtime: str, tmp_path: 
     inside = owned_by(homes / "alice" / "project", USERS["alice"])
     outside = owned_by(homes / "bob" / "project", USERS["alice"])
     with pytest.raises(WorkspaceRejected, match="outside the allowed roots"):
-        alice.start(str(outside))
-    session = alice.start(str(inside))
+        alice.start(str(outside), wait=False)
+    session = alice.start(str(inside), wait=False)
     alice.stop(session.id)

@@ -67,7 +67,7 @@ def test_start_run_reach_and_stop(service: Service, workspace: Path, runtime: st
 
 
 def test_stop_is_idempotent_and_delete_forgets(service: Service, workspace: Path) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     assert service.client.stop(session.id).status is Status.STOPPED
     assert service.client.stop(session.id).status is Status.STOPPED
@@ -80,7 +80,7 @@ def test_stop_is_idempotent_and_delete_forgets(service: Service, workspace: Path
 
 
 def test_stop_during_start_leaves_nothing_behind(service: Service, workspace: Path) -> None:
-    started = service.client.start(str(workspace))
+    started = service.client.start(str(workspace), wait=False)
     stopped = service.client.stop(started.id)
     assert stopped.status is Status.STOPPED
     assert service.leftovers() == []
@@ -90,7 +90,7 @@ def test_stop_during_start_leaves_nothing_behind(service: Service, workspace: Pa
 def test_the_agent_runs_as_the_workspace_owner(service: Service, workspace: Path) -> None:
     for path in [workspace, *workspace.rglob("*")]:
         os.chown(path, 4321, 4322)
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     assert run_in_session(session, "id -u; id -g") == (0, "4321\n4322\n")
     # A file the agent's shell writes belongs to the user, not to root.
@@ -104,7 +104,7 @@ def test_stop_all_stops_every_session(service: Service, tmp_path: Path) -> None:
     ids = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        ids.append(service.client.start(str(tmp_path / name)).id)
+        ids.append(service.client.start(str(tmp_path / name), wait=False).id)
     for session_id in ids:
         service.client.wait(session_id, timeout=120)
     stopped = service.client.stop_all()
@@ -117,7 +117,7 @@ def test_a_running_session_survives_a_service_restart(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     first = start_service()
-    session = first.client.wait(first.client.start(str(workspace)).id, timeout=120)
+    session = first.client.wait(first.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     # The same data directory and range: the next service finds the session and keeps it.
     first.restart()
@@ -132,7 +132,7 @@ def test_a_session_that_died_while_the_service_was_down_is_marked_failed(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     service = start_service()
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     service.stop_process()
     os.kill(agent_pid(session), signal.SIGKILL)

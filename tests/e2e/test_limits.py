@@ -50,8 +50,8 @@ def test_the_environment_limits_are_applied(
 ) -> None:
     environments = {"small": {"limits": {"memory": "1g", "cpus": 0.5, "pids": 200, "tmp": "64m"}}}
     service = start_service(environments=json.dumps(environments))
-    default = service.client.wait(service.client.start(str(workspace)).id)
-    small = service.client.wait(service.client.start(str(workspace), "small").id)
+    default = service.client.wait(service.client.start(str(workspace), wait=False).id)
+    small = service.client.wait(service.client.start(str(workspace), "small", wait=False).id)
     assert default.limits == {"memory": "4g", "cpus": 2.0, "pids": 1024, "tmp": "1g"}
     assert small.limits == {"memory": "1g", "cpus": 0.5, "pids": 200, "tmp": "64m"}
     assert applied(runtime, small) == {
@@ -65,7 +65,7 @@ def test_a_fork_bomb_and_a_full_tmp_stay_inside(
 ) -> None:
     environments = {"small": {"limits": {"pids": 64, "tmp": "32m"}}}
     service = start_service(environments=json.dumps(environments))
-    session = service.client.wait(service.client.start(str(workspace), "small").id)
+    session = service.client.wait(service.client.start(str(workspace), "small", wait=False).id)
     assert session.status is Status.RUNNING, session.error
     # A bounded fork bomb (perl is in every Debian): children until fork fails, then none.
     code, printed = run_in_session(
@@ -91,7 +91,7 @@ def test_running_out_of_memory_fails_the_session_and_says_so(
     # OpenCode needs a few hundred MB; 64 MB is not enough to start.
     environments = {"tiny": {"limits": {"memory": "64m"}}}
     service = start_service(environments=json.dumps(environments))
-    session = service.client.wait(service.client.start(str(workspace), "tiny").id)
+    session = service.client.wait(service.client.start(str(workspace), "tiny", wait=False).id)
     assert session.status is Status.FAILED
     assert session.error is not None
     assert "out of memory" in session.error

@@ -32,7 +32,7 @@ def test_the_log_stays_within_log_max_size(
     start_service: ServiceFactory, workspace: Path, runtime: str
 ) -> None:
     service = start_service(log_max_size="64k")
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     code, printed = run_in_session(session, SPEW.format(lines=20000, marker="spew"))  # ~1.8 MB
     assert code == 0, printed

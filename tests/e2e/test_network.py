@@ -106,7 +106,7 @@ def reach(session: SessionInfo, targets: dict[str, str]) -> dict[str, bool]:
 
 
 def sessions_on(service: Service, workspace: Path, environment: str) -> SessionInfo:
-    session = service.client.wait(service.client.start(str(workspace), environment).id)
+    session = service.client.wait(service.client.start(str(workspace), environment, wait=False).id)
     assert session.status is Status.RUNNING, session.error
     return session
 

@@ -101,7 +101,7 @@ def test_a_stop_while_the_engine_is_down_finishes_once_it_is_back(
     start_service: ServiceFactory, engine: EngineSwitch, workspace: Path
 ) -> None:
     service = start_service(env={"DOCKER_HOST": engine.docker_host})
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     engine.down()
     with service.http() as http:
@@ -135,7 +135,7 @@ def test_a_start_meets_an_engine_that_is_down(
     engine.up()
     # Down in the middle of a start: it ends running (the container was up in time) or
     # failed with the reason, and never stays starting; nothing is left that no record knows.
-    started = service.client.start(str(workspace))
+    started = service.client.start(str(workspace), wait=False)
     engine.down()
     ended = wait_for(service, started.id, {Status.RUNNING, Status.FAILED}, 90)
     engine.up()
@@ -145,7 +145,7 @@ def test_a_start_meets_an_engine_that_is_down(
         while service.containers():
             assert time.monotonic() < deadline, "the failed start's container was not removed"
             time.sleep(0.5)
-    again = service.client.wait(service.client.start(str(workspace)).id)
+    again = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert again.status is Status.RUNNING, again.error
 
 
@@ -174,7 +174,7 @@ def test_reconcile_and_cull_survive_bad_records(
     start_service: ServiceFactory, workspace: Path, tmp_path: Path
 ) -> None:
     service = start_service(cull_interval="1")
-    kept = service.client.wait(service.client.start(str(workspace)).id)
+    kept = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert kept.status is Status.RUNNING, kept.error
     service.stop_process()
     add_bad_records(service.data_dir / "codestation.db", kept.id)
@@ -186,7 +186,7 @@ def test_reconcile_and_cull_survive_bad_records(
     # Cull gets past them too: an idle session after them in the store is stopped.
     other = tmp_path / "other"
     other.mkdir()
-    idle = service.client.wait(service.client.start(str(other), idle_timeout=2).id)
+    idle = service.client.wait(service.client.start(str(other), idle_timeout=2, wait=False).id)
     assert idle.status is Status.RUNNING, idle.error
     culled = wait_for(service, idle.id, {Status.STOPPED}, 30)
     assert culled.reason == "idle"

@@ -21,7 +21,9 @@ def test_a_port_another_process_holds_is_skipped(
     with socket.socket() as foreign:
         foreign.bind(("127.0.0.1", first))
         foreign.listen()
-        session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+        session = service.client.wait(
+            service.client.start(str(workspace), wait=False).id, timeout=120
+        )
         assert session.status is Status.RUNNING, session.error
         assert session.port == first + 1
         service.client.stop(session.id)
@@ -31,7 +33,7 @@ def test_an_exhausted_range_answers_503(start_service: ServiceFactory, tmp_path:
     service = start_service(size=1)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = service.client.start(str(tmp_path / "a"))
+    first = service.client.start(str(tmp_path / "a"), wait=False)
     with service.http() as http:
         answer = http.post("/api/v1/code/start", json={"workspace": str(tmp_path / "b")})
         assert answer.status_code == 503
@@ -40,7 +42,9 @@ def test_an_exhausted_range_answers_503(start_service: ServiceFactory, tmp_path:
         assert len(http.get("/api/v1/code/sessions").json()["sessions"]) == 1
     # A stopped session gives its port back.
     service.client.stop(first.id)
-    second = service.client.wait(service.client.start(str(tmp_path / "b")).id, timeout=120)
+    second = service.client.wait(
+        service.client.start(str(tmp_path / "b"), wait=False).id, timeout=120
+    )
     assert second.port == first.port
     assert second.status is Status.RUNNING, second.error
     service.client.stop(second.id)
@@ -56,7 +60,7 @@ def test_twenty_concurrent_starts(start_service: ServiceFactory, tmp_path: Path)
 
     def start(ws: str) -> str:
         with service.client_for(service.token) as client:
-            return client.start(ws).id
+            return client.start(ws, wait=False).id
 
     with ThreadPoolExecutor(20) as pool:
         ids = list(pool.map(start, workspaces))

@@ -14,7 +14,7 @@ from tests.e2e.conftest import Service, ServiceFactory
 
 
 def running(service: Service, workspace: Path) -> SessionInfo:
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     return session
 

@@ -57,7 +57,7 @@ def test_through_a_tunnel_on_another_port(
     port = free_port()
     service = start_service(public_url=f"http://localhost:{port}")
     with tunnel(port, service.port):
-        session = service.client.wait(service.client.start(str(workspace)).id)
+        session = service.client.wait(service.client.start(str(workspace), wait=False).id)
         assert session.status is Status.RUNNING, session.error
         assert session.web_url == f"http://{session.id}.localhost:{port}/"
         # The session's own host name through the tunnel, as the browser sends it.
@@ -95,7 +95,7 @@ def test_behind_a_tls_reverse_proxy(
     service = start_service(
         public_url="https://codes.example.com", proxy_domain="codes.example.com"
     )
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     assert session.web_url == f"https://{session.id}.codes.example.com/"
     # What the proxy passes on: the name people used (in Host), and that they used https.

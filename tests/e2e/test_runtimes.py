@@ -26,7 +26,7 @@ def test_auto_falls_back_to_bwrap_without_docker(
 ) -> None:
     service = launch_service(runtime="auto", env=NO_DOCKER)
     assert service.client.health()["runtime"] == "bwrap"
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     assert session.runtime == "bwrap"
     assert "sessions run in bwrap (chosen automatically)" in service.log.read_text()
@@ -38,8 +38,8 @@ def test_an_environment_can_name_its_runtime(
 ) -> None:
     environments = {"sandboxed": {"runtime": "bwrap"}}
     service = launch_service(runtime="docker", environments=json.dumps(environments))
-    default = service.client.start(str(workspace))
-    sandboxed = service.client.start(str(workspace), environment="sandboxed")
+    default = service.client.start(str(workspace), wait=False)
+    sandboxed = service.client.start(str(workspace), environment="sandboxed", wait=False)
     assert (default.runtime, sandboxed.runtime) == ("docker", "bwrap")
     for session_id in (default.id, sandboxed.id):
         session = service.client.wait(session_id, timeout=120)

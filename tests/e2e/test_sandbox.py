@@ -14,7 +14,7 @@ from tests.e2e.conftest import Service, agent_pid, run_in_session
 
 
 def running(service: Service, workspace: Path) -> SessionInfo:
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     return session
 

@@ -40,7 +40,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     # More ports than one user may hold: a start beyond the user's share is the documented
     # 429, never the 503 of an exhausted range.
     service = start_service(size=12, max_sessions_per_user="4")
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     assert session.status is Status.RUNNING, session.error
     config = tmp_path / "schemathesis.toml"
     config.write_text(

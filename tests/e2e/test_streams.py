@@ -37,7 +37,7 @@ def test_streams_are_bounded_per_user_and_overall(
     start_service: ServiceFactory, workspace: Path, runtime: str
 ) -> None:
     service = start_service(max_streams_per_user="2", max_streams="3")
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     logs = f"/api/v1/code/session/{session.id}/logs"
     events = "/api/v1/code/events"

@@ -34,7 +34,7 @@ from tests.e2e.test_outages import EngineSwitch
 
 
 def running(service: Service, workspace: Path, **options: Any) -> SessionInfo:
-    session = service.client.wait(service.client.start(str(workspace), **options).id)
+    session = service.client.wait(service.client.start(str(workspace), **options, wait=False).id)
     assert session.status is Status.RUNNING, session.error
     return session
 
@@ -115,7 +115,7 @@ def test_a_start_cut_short_by_a_kill_ends_running_or_failed(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     service = start_service()
-    started = service.client.start(str(workspace))
+    started = service.client.start(str(workspace), wait=False)
     # Catch it launched but not yet answering, then kill the service there.
     deadline = time.monotonic() + 120
     while True:

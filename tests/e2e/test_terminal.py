@@ -41,7 +41,7 @@ def test_shell_types_resizes_and_replays_after_reconnecting(
     service: Service, workspace: Path
 ) -> None:
     (workspace / "made-on-host.txt").write_text("x")
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     with open_terminal(service, session, "shell") as ws:
         ws.send(json.dumps({"rows": 31, "cols": 101}))
@@ -60,7 +60,7 @@ def test_shell_types_resizes_and_replays_after_reconnecting(
 
 
 def test_agent_mode_shows_opencode_s_tui(service: Service, workspace: Path) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     with open_terminal(service, session, "agent") as ws:
         ws.send(json.dumps({"rows": 30, "cols": 100}))
         # OpenCode's TUI, attached to the session's server (its password from the environment,
@@ -82,7 +82,7 @@ def test_agent_mode_shows_opencode_s_tui(service: Service, workspace: Path) -> N
 
 
 def test_a_foreign_origin_is_refused(service: Service, workspace: Path) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     port = service.url.rsplit(":", 1)[1]
     url = f"ws://127.0.0.1:{port}/api/v1/code/session/{session.id}/terminal?mode=shell"
     with pytest.raises(InvalidStatus):

@@ -39,7 +39,9 @@ def listed(service: Service, session_id: str) -> SessionInfo:
 
 def test_a_closed_terminal_is_not_activity(start_service: ServiceFactory, workspace: Path) -> None:
     service = start_service(cull_interval="1")
-    session = service.client.wait(service.client.start(str(workspace), idle_timeout=6).id)
+    session = service.client.wait(
+        service.client.start(str(workspace), idle_timeout=6, wait=False).id
+    )
     assert session.status is Status.RUNNING, session.error
     use_terminal(service, session)
     assert "codestation:shell" in terminals_in(session)  # kept for the tab to come back
@@ -55,7 +57,7 @@ def test_a_closed_terminal_ends_after_terminal_keep_though_no_one_attaches(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     service = start_service(cull_interval="1", terminal_keep="2")
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     use_terminal(service, session)
     assert "codestation:shell" in terminals_in(session)
@@ -70,7 +72,7 @@ def test_terminals_from_before_a_restart_are_ended(
     start_service: ServiceFactory, workspace: Path
 ) -> None:
     service = start_service(cull_interval="1")
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     use_terminal(service, session)
     # A shell of the agent's own (not one of codestation's terminals) is left alone.

@@ -139,7 +139,7 @@ def test_a_401_says_how_to_get_in(service: Service) -> None:
 
 
 def test_no_token_or_password_in_command_lines_or_logs(service: Service, workspace: Path) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id, timeout=120)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
     secrets = [service.token, session.auth.password]
     for proc in Path("/proc").iterdir():
         try:

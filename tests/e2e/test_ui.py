@@ -180,9 +180,18 @@ def test_start_watch_open_and_stop_from_the_ui(
     expect(page.locator("#capacity")).to_have_text(
         "1 of 100 sessions · 4.0 of 1024.0 GiB reserved", timeout=10_000
     )
+    # Whether its agent is working, as the service last saw it.
+    expect(row.locator(".detail.agent")).to_contain_text("agent idle", timeout=15_000)
     shot(page, "sessions")
 
-    # "Open": OpenCode's own UI on the session's host name, no password prompt.
+    # "Open": OpenCode's own UI on the session's host name, no password prompt, on the
+    # workspace's project and its sessions (not OpenCode's empty home).
+    made = service.http().post(
+        f"/api/v1/code/session/{session_id}/opencode/session",
+        json={"title": "an OpenCode session made before Open"},
+        headers={"x-opencode-directory": "/workspace"},
+    )
+    assert made.status_code == 200, made.text
     with page.expect_popup() as popup:
         row.get_by_role("link", name="Open", exact=True).click()
     opencode = popup.value
@@ -201,6 +210,8 @@ def test_start_watch_open_and_stop_from_the_ui(
         opencode.wait_for_timeout(200)
     assert 200 in answered, answered
     assert 401 not in answered
+    expect(opencode.get_by_text("workspace", exact=True).first).to_be_visible(timeout=20_000)
+    expect(opencode.get_by_text("an OpenCode session made before Open")).to_be_visible()
     SHOTS.mkdir(parents=True, exist_ok=True)
     opencode.screenshot(path=SHOTS / "opencode-ui.png")
     # From that page (another origin), the terminal's WebSocket is refused.
@@ -233,7 +244,7 @@ def test_the_terminal_types_resizes_and_replays(
 ) -> None:
     log_in(page, service)
     (workspace / "made-on-host.txt").write_text("hello\n")
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     page.goto(f"{service.url}/terminal/{session.id}?mode=shell")
     expect(page.locator("#state")).to_have_text("connected")
@@ -291,7 +302,7 @@ def luminance(css_colour: str) -> float:
 def test_phone_width_and_dark_mode(
     service: Service, workspace: Path, new_context: Callable[..., BrowserContext]
 ) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     page = new_context(viewport={"width": 390, "height": 800}).new_page()
     log_in(page, service)
     expect(page.locator("#sessions tbody tr")).to_have_count(1)
@@ -377,7 +388,7 @@ def test_a_page_of_another_origin_can_do_nothing(
     console: Console,
     evil_origin: str,
 ) -> None:
-    session = service.client.wait(service.client.start(str(workspace)).id)
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id)
     assert session.status is Status.RUNNING, session.error
     console.excuse(evil_origin + "/")  # its page's refused requests log errors, as they should
     context = new_context()

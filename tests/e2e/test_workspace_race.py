@@ -54,7 +54,7 @@ def test_starts_during_a_swap_loop_mount_the_checked_directory_or_fail(
             rounds += 1
             for _ in range(2):
                 try:
-                    started.append(service.client.start(str(project)).id)
+                    started.append(service.client.start(str(project), wait=False).id)
                 except WorkspaceRejected:
                     refused += 1  # the check saw the link, or the path in mid-swap
             time.sleep(0.2)
@@ -65,7 +65,7 @@ def test_starts_during_a_swap_loop_mount_the_checked_directory_or_fail(
     assert started, f"every start was refused at the check ({refused})"
     assert project.is_dir()
     assert not project.is_symlink()
-    sessions = [service.client.wait(sid, timeout=180) for sid in started]
+    sessions: list[SessionInfo] = [service.client.wait(sid, timeout=180) for sid in started]
     running: list[SessionInfo] = []
     for s in sessions:
         if s.status is Status.FAILED:  # the mount by path lost the race: the guard says so,
@@ -77,9 +77,10 @@ def test_starts_during_a_swap_loop_mount_the_checked_directory_or_fail(
             assert s.status is Status.RUNNING, s.error
             running.append(s)
     # Once the swapping stops, a start runs on the real directory.
-    after = service.client.wait(service.client.start(str(project)).id, timeout=180)
+    after = service.client.wait(service.client.start(str(project), wait=False).id, timeout=180)
     assert after.status is Status.RUNNING, after.error
-    for s in [*running, after]:
+    checked: list[SessionInfo] = [*running, after]
+    for s in checked:
         code, printed = run_in_session(s, "cat /workspace/marker; ls /workspace")
         assert code == 0, printed
         assert "the real project" in printed

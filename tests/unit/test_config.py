@@ -1,9 +1,12 @@
+import json
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
-from codestation.config import Settings, masked
+from codestation.agent import agent_env, secret_values
+from codestation.config import EnvironmentProfile, Settings, masked
+from codestation.errors import SecretMissing
 from codestation.image import image_tag
 
 
@@ -128,3 +131,56 @@ def test_the_image_tag_covers_every_input_of_the_build(tmp_path: Path) -> None:
     copy.write_bytes(binary.read_bytes())
     copy.chmod(0o755)
     assert image_tag(Settings(opencode_binary=copy)) == image_tag(Settings(opencode_binary=binary))
+
+
+def test_a_profile_names_its_model_and_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-file\n")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[environments.local]
+model = "local/coder"
+provider.local = {{ npm = "@ai-sdk/openai-compatible", options = {{ baseURL = "http://10.0.0.5:8080/v1", apiKey = "{{env:API_KEY}}" }}, models = {{ coder = {{}} }} }}
+secrets = {{ API_KEY = {{ env = "LOCAL_LLM_KEY" }}, OTHER = {{ file = "{key_file}" }} }}
+"""  # noqa: E501
+    )
+    monkeypatch.setenv("CODESTATION_CONFIG", str(config))
+    monkeypatch.setenv("LOCAL_LLM_KEY", "sk-from-env")
+    profile = Settings().environments["local"]
+    assert profile.agent_config()["model"] == "local/coder"
+    assert profile.agent_config()["provider"]["local"]["options"]["apiKey"] == "{env:API_KEY}"
+    env = agent_env(SecretStr("pw"), profile, secret_values(profile, "local"))
+    assert env["API_KEY"] == "sk-from-env"
+    assert env["OTHER"] == "sk-from-file"
+    assert "sk-from" not in env["OPENCODE_CONFIG_CONTENT"]
+    # Settings, as `codestation config` prints them, hold the references only.
+    assert "sk-from" not in json.dumps(Settings().model_dump(mode="json"))
+
+
+def test_a_missing_secret_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    profile = EnvironmentProfile(
+        secrets={"A_KEY": {"env": "NOT_SET_HERE"}, "B_KEY": {"file": str(tmp_path / "none")}}
+    )
+    with pytest.raises(SecretMissing, match=r"A_KEY \(from the variable NOT_SET_HERE\).*B_KEY"):
+        secret_values(profile, "x")
+
+
+@pytest.mark.parametrize(
+    ("profile", "said"),
+    [
+        ({"provider": {"p": {"options": {"apiKey": "sk-literal"}}}}, "literal value"),
+        ({"opencode_config": {"provider": {"p": {"options": {"apiKey": "k"}}}}}, "literal"),
+        ({"secrets": {"lower": {"env": "X"}}}, "capitals"),
+        ({"secrets": {"OPENCODE_SERVER_PASSWORD": {"env": "X"}}}, "not beginning"),
+        ({"secrets": {"A": {"env": "X", "file": "/f"}}}, "exactly one"),
+        ({"secrets": {"A": {}}}, "exactly one"),
+        ({"secrets": {"A": {"env": "X"}}, "env": {"A": "1"}}, "both in env and in secrets"),
+    ],
+)
+def test_secrets_are_by_reference_only(profile: dict[str, object], said: str) -> None:
+    with pytest.raises(ValidationError, match=said):
+        EnvironmentProfile.model_validate(profile)

@@ -6,7 +6,8 @@ Every request, on loopback too, passes `Access`, the outermost layer but one (`h
    localhost, [::1], its `public_url`'s and `public_host`) and `<session id>.<proxy_domain>`;
    anything else is a 400 before any handler runs. That ends DNS rebinding: a page on a name
    that resolves here still sends its own name.
-2. Authentication. `Authorization: Bearer <token>` (programs), or a login cookie (browsers):
+2. Authentication. `Authorization: Bearer <token>` (programs), HTTP Basic with a token as the
+   password (OpenCode's own clients), or a login cookie (browsers):
    the service's cookie on its own names, a session's own cookie on that session's name (host-
    only, so one never travels to the other). The caller goes into the request's scope
    (`caller(scope)`); handlers never look at credentials themselves. Only `/healthz`, the login
@@ -15,7 +16,9 @@ Every request, on loopback too, passes `Access`, the outermost layer but one (`h
    asked, so a state-changing request that authenticates by cookie must prove it comes from our
    own page: on the service's names by the CSRF token (header `X-CSRF-Token`, from
    `GET /api/v1/code/me`; JupyterHub's way), on a session's name (OpenCode's own UI, which we
-   cannot teach a header) by its Origin. Bearer requests need neither: browsers never add one.
+   cannot teach a header) by its Origin. Bearer and Basic requests need neither: browsers never
+   add a Bearer header, and add Basic credentials only after a password prompt, which
+   codestation never asks for (it challenges with `Bearer` only).
    Every WebSocket must come from a page of the very host it connects to (Origin == Host).
 
 Unauthenticated browsers asking for a page are sent to log in (on a session's name: through
@@ -25,8 +28,10 @@ this browser; see `accounts.py`); everyone else gets 401.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
+import re
 from urllib.parse import quote, urlsplit
 
 from starlette.datastructures import Headers
@@ -52,6 +57,21 @@ TICKET_PATH = "/_codestation/auth"  # a session host's door: a ticket in, a cook
 PUBLIC = {"/healthz", "/login", "/static/style.css", "/static/login.js"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
+# OpenCode's API for programs, on the service's own names: no DNS set-up needed (OpenCode's CLI
+# resolves host names through the system, which knows no `*.localhost`).
+OPENCODE_PATH = re.compile(rb"^/api/v1/code/session/([A-Za-z0-9_-]+)/opencode(?=/|$)")
+
+
+def opencode_path(scope: Scope) -> tuple[str, bytes] | None:
+    """The session id, and the raw path left after the prefix, of a request to a session's
+    OpenCode under the service's own names (`/api/v1/code/session/{id}/opencode/...`)."""
+    raw: bytes = scope.get("raw_path") or b""
+    found = OPENCODE_PATH.match(raw)
+    if found is None:
+        return None
+    return found.group(1).decode(), raw[found.end() :] or b"/"
 
 
 def caller(scope: Scope) -> Caller | None:
@@ -139,6 +159,16 @@ def safe_next(raw: str | None, default: str = "/") -> str:
     return raw
 
 
+def _basic_password(credential: str) -> str:
+    """The password of HTTP Basic credentials (OpenCode's own clients send a codestation token
+    there: `opencode run --attach URL --password TOKEN`); the user name is not looked at."""
+    try:
+        decoded = base64.b64decode(credential.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2]
+
+
 class Access:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -176,6 +206,15 @@ class Access:
         if who is None and not self._public(scope, session_id):
             await self._ask_to_log_in(scope, send, session_id)
             return
+        if who is not None and who.login is not None and opencode_path(scope):
+            # What OpenCode answers here is the agent's to write: never on the service's
+            # origin in a logged-in browser. The UI has the session's own host name.
+            await refuse(scope, send, Unauthorized(
+                "OpenCode's API under /api/v1/code/session/{id}/opencode takes a token (Bearer, "
+                "or Basic with the token as the password), not a browser's login; a browser "
+                "opens the session at its own address (web_url)."
+            ))  # fmt: skip
+            return
         scope["codestation.caller"] = who
         await self.app(scope, receive, send)
 
@@ -183,8 +222,10 @@ class Access:
         accounts: Accounts = scope["app"].state.accounts
         authorization = Headers(scope=scope).get("authorization", "")
         scheme, _, credential = authorization.partition(" ")
-        if scheme.lower() == "bearer":
-            found = accounts.by_token(credential.strip())
+        scheme = scheme.lower()
+        if scheme in ("bearer", "basic"):
+            token = credential.strip() if scheme == "bearer" else _basic_password(credential)
+            found = accounts.by_token(token) if token else None
             if found is None:
                 raise Unauthorized(
                     "the token is not valid: unknown, revoked or expired. An admin makes a new "

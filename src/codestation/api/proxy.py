@@ -23,7 +23,7 @@ import base64
 import collections
 import contextlib
 from collections.abc import AsyncIterator
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, unquote
 
 import httpx
 from starlette.datastructures import Headers
@@ -43,11 +43,14 @@ from codestation.api.access import (
     cookie_pairs,
     cookie_values,
     login_cookie,
+    opencode_path,
+    refuse,
     safe_next,
     secure,
     session_host,
 )
-from codestation.errors import CodestationError, SessionNotFound
+from codestation.api.web import PAGES
+from codestation.errors import CodestationError, NotRunning, SessionNotFound
 from codestation.manager import SessionManager
 from codestation.sessions import Session, Status
 
@@ -59,6 +62,13 @@ _DROP = {
 }  # fmt: skip
 # OpenCode answers CORS for any localhost page; through codestation, no other origin may read.
 _DROP_DOWN = {"www-authenticate", "set-cookie"}
+_OURS = {b"content-security-policy", b"x-content-type-options"}
+LANDING_PAGE = "/_codestation/open"
+LANDING = {LANDING_PAGE, "/_codestation/landing.js"}
+_LANDING_HTML = (
+    b'<!doctype html><meta charset="utf-8"><title>Opening the workspace</title>'
+    b'<script src="/_codestation/landing.js"></script><p>Opening the workspace...</p>'
+)
 
 
 class SessionProxy:
@@ -75,23 +85,37 @@ class SessionProxy:
         self._in_flight: collections.Counter[str] = collections.Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session_id = session_host(scope) if scope["type"] in ("http", "websocket") else None
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        session_id = session_host(scope)
+        prefixed = opencode_path(scope) if session_id is None else None
+        if prefixed is not None:
+            session_id, rest = prefixed
+            scope = {**scope, "raw_path": rest, "path": unquote(rest.decode("latin-1"))}
+            send = _sandboxed(send)
         if session_id is None:
             await self.app(scope, receive, send)
             return
-        if scope["type"] == "http" and scope["path"] == TICKET_PATH:
+        if prefixed is None and scope["type"] == "http" and scope["path"] == TICKET_PATH:
             await _redeem(scope, send, session_id)
+            return
+        if prefixed is None and scope["type"] == "http" and scope["path"] in LANDING:
+            await _landing(send, scope["path"])
             return
         manager: SessionManager = scope["app"].state.manager  # set by the app's lifespan
         who = caller(scope)
         assert who is not None  # access.py lets no one else through but to the ticket door
         try:
             session = manager.get(who, session_id)
-        except SessionNotFound:
-            await _refuse(scope, send, session_id, None)
+        except SessionNotFound as exc:
+            await (refuse(scope, send, exc) if prefixed else _refuse(scope, send, session_id, None))
             return
         if session.status is not Status.RUNNING:
-            await _refuse(scope, send, session_id, session)
+            if prefixed:
+                await refuse(scope, send, NotRunning(f"session {session_id} is {session.status}."))
+            else:
+                await _refuse(scope, send, session_id, session)
             return
         manager.touch(session)
         if not scope["raw_path"].startswith(b"/"):
@@ -230,6 +254,21 @@ class SessionProxy:
                 await browser.close()
 
 
+def _sandboxed(send: Send) -> Send:
+    """`send`, with every response marked as content of no origin: what a session's OpenCode
+    answers is the agent's to write, and must never run as a page of the service's own."""
+
+    async def sandboxed(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _OURS]
+            headers += [(b"content-security-policy", b"sandbox"),
+                        (b"x-content-type-options", b"nosniff")]  # fmt: skip
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sandboxed
+
+
 def _basic(session: Session) -> str:
     pair = f"{session.username}:{session.password.get_secret_value()}"
     return f"Basic {base64.b64encode(pair.encode()).decode()}"
@@ -276,13 +315,31 @@ async def _redeem(scope: Scope, send: Send, session_id: str) -> None:
         "type": "http.response.start",
         "status": 303,
         "headers": [
-            (b"location", safe_next((query.get("next") or ["/"])[0]).encode()),
+            (b"location", _through_landing(safe_next((query.get("next") or ["/"])[0]))),
             (b"set-cookie", login_cookie(SESSION_COOKIE, cookie, max_age, https=https).encode()),
             (b"set-cookie", login_cookie(STATE_COOKIE, "", 0, https=https).encode()),
             (b"cache-control", b"no-store"),
         ],
     })  # fmt: skip
     await send({"type": "http.response.body", "body": b""})
+
+
+def _through_landing(after: str) -> bytes:
+    return f"{LANDING_PAGE}?next={quote(after, safe='')}".encode()
+
+
+async def _landing(send: Send, path: str) -> None:
+    """codestation's own first page on a session's host name (`web/landing.js` says why)."""
+    if path == LANDING_PAGE:
+        body, kind = _LANDING_HTML, b"text/html; charset=utf-8"
+    else:
+        body, kind = (PAGES / "landing.js").read_bytes(), b"text/javascript; charset=utf-8"
+    await send({
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", kind), (b"cache-control", b"no-store")],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _body(receive: Receive, sent: asyncio.Event) -> AsyncIterator[bytes]:

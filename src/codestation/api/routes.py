@@ -10,19 +10,21 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from websockets.exceptions import ConnectionClosed
 
-from codestation import __version__
+from codestation import __version__, prompts
 from codestation.api.access import caller
+from codestation.changes import Changes
 from codestation.errors import SessionNotFound, TooManyStreams, Unauthorized
 from codestation.identity import Caller
 from codestation.manager import SessionManager
 from codestation.schemas import (
+    AbortResponse,
     Auth,
     Capacity,
     EnvironmentInfo,
@@ -30,6 +32,9 @@ from codestation.schemas import (
     ErrorBody,
     Health,
     Me,
+    PromptAccepted,
+    PromptRequest,
+    Reply,
     SessionInfo,
     SessionList,
     StartRequest,
@@ -74,6 +79,8 @@ def info(manager: SessionManager, s: Session) -> SessionInfo:
         runtime=s.runtime,
         url=manager.url(s) if s.status is Status.RUNNING else None,
         web_url=manager.web_url(s) if s.status is Status.RUNNING else None,
+        opencode_url=manager.opencode_url(s) if s.status is Status.RUNNING else None,
+        agent=_busy(manager.busy.get(s.id)) if s.status is Status.RUNNING else None,
         port=s.port,
         workspace=str(s.workspace),
         environment=s.environment,
@@ -90,6 +97,10 @@ def info(manager: SessionManager, s: Session) -> SessionInfo:
         owner=s.owner,
         auth=Auth(username=s.username, password=s.password.get_secret_value()),
     )
+
+
+def _busy(busy: bool | None) -> Literal["busy", "idle"] | None:
+    return None if busy is None else "busy" if busy else "idle"
 
 
 @code.post(
@@ -258,6 +269,98 @@ async def _attach(
             session, mode, inside, receive, websocket.send_bytes, lambda: manager.touch(session)
         )
         await websocket.close()
+
+
+@code.post(
+    "/session/{session_id}/prompt",
+    status_code=202,
+    response_model=PromptAccepted | Reply,
+    responses=errors(409),
+)
+async def prompt(
+    session_id: str, body: PromptRequest, manager: Manager, who: CallerDep, response: Response
+) -> PromptAccepted | Reply:
+    """Send a prompt to the session's agent, in a new OpenCode session or `opencode_session`.
+    At once (202) with the ids to follow it by, or with `wait` (200) the agent's reply once
+    its turn ends: its text, the tools it used, tokens and cost."""
+    answer = await prompts.prompt(manager.agent(who, session_id), body)
+    if isinstance(answer, Reply):
+        response.status_code = 200
+    return answer
+
+
+@code.post("/session/{session_id}/abort", response_model=AbortResponse, responses=errors(409))
+async def abort(
+    session_id: str,
+    manager: Manager,
+    who: CallerDep,
+    opencode_session: Annotated[
+        str | None,
+        Query(pattern=r"^ses_[A-Za-z0-9]{1,64}$", description="Only this one; unset: any busy."),
+    ] = None,
+) -> AbortResponse:
+    """End the agent's turn under way (in `opencode_session`, or in each that is working)."""
+    aborted = await prompts.abort(manager.agent(who, session_id), opencode_session)
+    return AbortResponse(aborted=aborted)
+
+
+@code.get("/session/{session_id}/changes", response_model=Changes, responses=errors(409))
+async def changes(session_id: str, manager: Manager, who: CallerDep) -> Changes:
+    """What changed in the workspace since the session started: files added, modified and
+    deleted, with a unified diff for text files (capped; binary files named only). Computed
+    against a snapshot taken as the session started (see docs/changes.md)."""
+    return await manager.changes(who, session_id)
+
+
+@code.get(
+    "/session/{session_id}/reply",
+    response_model=Reply,
+    responses=errors(409),
+)
+async def reply(
+    session_id: str,
+    manager: Manager,
+    who: CallerDep,
+    opencode_session: Annotated[str, Query(pattern=r"^ses_[A-Za-z0-9]{1,64}$")],
+    message: Annotated[str, Query(pattern=r"^msg_[A-Za-z0-9]{1,64}$")],
+) -> Reply:
+    """The agent's reply, so far, to a prompt sent without waiting (`finished` once its turn
+    has ended): the ids the prompt was accepted with name it."""
+    return await prompts.reply(manager.agent(who, session_id), opencode_session, message)
+
+
+@code.get(
+    "/session/{session_id}/events",
+    response_class=StreamingResponse,
+    responses=errors(409, 429),
+)
+async def agent_events(session_id: str, manager: Manager, who: CallerDep) -> StreamingResponse:
+    """The agent's events as server-sent events, as OpenCode sends them (`message.part.delta`
+    as it writes, `message.part.updated` for each tool, `session.status`, `session.idle`,
+    ...), until the session stops. Each event's `data` is OpenCode's JSON."""
+    release = manager.open_stream(who)
+    try:
+        upstream = manager.agent_events(who, session_id)
+        first = await anext(upstream)  # a session that is gone answers 409 or 503, not a stream
+    except BaseException:
+        release()
+        raise
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in upstream:
+                yield chunk
+        finally:
+            await upstream.aclose()
+            release()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(release),
+    )
 
 
 @code.post("/session/{session_id}/stop", response_model=SessionInfo)

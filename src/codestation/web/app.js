@@ -36,11 +36,18 @@ async function call(method, path, body, base = API) {
   return data;
 }
 
+function agentState(s) {
+  const doing = { busy: "agent working", idle: "agent idle" }[s.agent] ?? "agent: not known yet";
+  const last = s.last_activity ? `, last active ${age(s.last_activity)} ago` : "";
+  return el("div", { className: `detail agent ${s.agent ?? ""}`, textContent: doing + last });
+}
+
 function row(s) {
   const status = el("span", { className: `status ${s.status}`, textContent: s.status });
   const state = el("td", { dataset: { label: "Status" } }, status);
   const note = s.status === "failed" ? s.error : s.step ?? (s.reason && s.status === "stopped" ? `reason: ${s.reason}` : "");
   if (note) state.append(el("div", { className: `detail${s.status === "failed" ? " error" : ""}`, textContent: note.split("\n")[0] }));
+  if (s.status === "running") state.append(agentState(s));
   const actions = el("td", { className: "actions" });
   if (s.status === "running") {
     actions.append(
