@@ -27,3 +27,4 @@ test: setup lint
 
 bench: setup
 	.venv/bin/python benchmarks/cold_start.py
+	.venv/bin/python benchmarks/changes.py

@@ -6,7 +6,11 @@ Each run takes a snapshot, edits 20 files (other ones each run) and reports. The
 written once, before the runs, so the page cache is warm, as it is for a workspace the user was
 just working in. Prints the medians, in seconds and in files per second.
 
-    .venv/bin/python benchmarks/changes.py [--runs 7] [--files 10000]
+Then the same through the service, as a user sees it: a session started on that workspace and
+one on a workspace of one file, side by side (start -> running; the snapshot is taken while the
+sandbox is prepared), and `GET .../changes` once 20 files were edited.
+
+    .venv/bin/python benchmarks/changes.py [--runs 7] [--files 10000] [--runtime bwrap]
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from codestation import changes
+from codestation import Client, changes
+from cold_start import free_port, serve
 
 WORDS = ["def", "return", "self", "value", "index", "items", "result", "config", "path"]
 
@@ -66,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--runtime", choices=["docker", "bwrap"], default="bwrap")
     args = parser.parse_args()
 
     rng = random.Random(42)
@@ -98,12 +104,52 @@ def main() -> None:
                 reports.append(reported)
                 print(f"run {i}: take {took:.3f} s, report {reported:.3f} s", flush=True)
         os.close(fd)
-    mt, mr = statistics.median(takes), statistics.median(reports)
-    entries = args.files + 1
-    print(f"\nmedian over {args.runs} runs ({entries} files, {size / 1e6:.1f} MB)")
-    print(f"  take:   {mt:.3f} s  ({entries / mt:,.0f} files/s, {size / mt / 1e6:.0f} MB/s)")
-    print(f"  report: {mr:.3f} s  ({entries / mr:,.0f} files/s), 20 files modified")
-    print(f"  ratio report/take: {mr / mt:.2f}   snapshot on disk: {stored / 1e6:.1f} MB")
+        mt, mr = statistics.median(takes), statistics.median(reports)
+        entries = args.files + 1
+        print(f"\nmedian over {args.runs} runs ({entries} files, {size / 1e6:.1f} MB)")
+        print(f"  take:   {mt:.3f} s  ({entries / mt:,.0f} files/s, {size / mt / 1e6:.0f} MB/s)")
+        print(f"  report: {mr:.3f} s  ({entries / mr:,.0f} files/s), 20 files modified")
+        print(f"  ratio report/take: {mr / mt:.2f}   snapshot on disk: {stored / 1e6:.1f} MB")
+        through_the_service(Path(tmp), root, texts[20 * (args.runs + 1) :], args)
+
+
+def through_the_service(tmp: Path, big: Path, texts: list[Path], args: argparse.Namespace) -> None:
+    small = tmp / "small"
+    small.mkdir()
+    (small / "README.md").write_text("# one file\n")
+    port = free_port()
+    service = serve(tmp / "data", port, args.runtime)
+    try:
+        token = (tmp / "config" / "token").read_text().strip()
+        with Client(f"http://127.0.0.1:{port}", token=token) as client:
+            client.start(str(small), wait=True).stop()  # warm-up
+            on_big, on_small, reports = [], [], []
+            for i in range(args.runs):
+                begin = time.monotonic()
+                session = client.start(str(big), wait=True)
+                on_big.append(time.monotonic() - begin)
+                for path in texts[20 * i : 20 * (i + 1)]:
+                    edit(path)
+                begin = time.monotonic()
+                found = session.changes()
+                reports.append(time.monotonic() - begin)
+                if found.modified != 20:
+                    raise RuntimeError(f"unexpected report: {found.modified} modified")
+                session.stop()
+                begin = time.monotonic()
+                client.start(str(small), wait=True).stop()
+                on_small.append(time.monotonic() - begin)
+                said = f"big {on_big[-1]:.2f} s, one file {on_small[-1]:.2f} s"
+                print(f"run {i + 1}: start {said}; changes {reports[-1]:.3f} s", flush=True)
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    big_start, small_start = statistics.median(on_big), statistics.median(on_small)
+    print(f"\nthrough the service ({args.runtime}), median over {args.runs} runs")
+    print(f"  (a) start -> running, 10,000-file workspace: {big_start:.2f} s")
+    print(f"  (b) start -> running, one-file workspace:    {small_start:.2f} s")
+    print(f"  ratio a/b: {big_start / small_start:.2f}")
+    print(f"  GET .../changes, 20 files modified: {statistics.median(reports):.3f} s")
 
 
 if __name__ == "__main__":

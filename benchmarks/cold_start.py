@@ -83,14 +83,14 @@ def bare_start(binary: Path, workspace: Path) -> float:
         process.wait(timeout=30)
 
 
-def serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def serve(data_dir: Path, port: int, runtime: str = "docker") -> subprocess.Popen[bytes]:
     """The service, on its own data; its first start writes the admin token to `token`."""
     env = {
         **os.environ,
         "CODESTATION_DATA_DIR": str(data_dir),
         "CODESTATION_TOKEN_FILE": str(data_dir.parent / "config" / "token"),
         "CODESTATION_PORT": str(port),
-        "CODESTATION_RUNTIME": "docker",
+        "CODESTATION_RUNTIME": runtime,
         "CODESTATION_ENVIRONMENTS": '{"bwrap": {"runtime": "bwrap"}}',
     }
     process = subprocess.Popen(

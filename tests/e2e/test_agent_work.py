@@ -151,12 +151,13 @@ def test_bad_prompts_are_400s_that_say_what_to_fix(working: Service, workspace: 
         answer = http.post(f"/api/v1/code/session/{session.id}/prompt", json=body)
         assert answer.status_code in (400, 422), (body, answer.text)
         assert answer.json()["error"]
-    for body, said in (
+    known: list[tuple[dict[str, object], str]] = [
         ({"text": "x", "opencode_session": "ses_doesnotexist"}, "opencode_session"),
         ({"text": "x", "model": "scripted/no-such-model", "wait": True}, "scripted/mock-model"),
         ({"text": "x", "agent": "no-such-agent"}, "build"),
-    ):
-        answer = http.post(f"/api/v1/code/session/{session.id}/prompt", json=body)
+    ]
+    for asked, said in known:
+        answer = http.post(f"/api/v1/code/session/{session.id}/prompt", json=asked)
         assert answer.status_code == 400, answer.text
         assert said in answer.json()["error"]
     session.stop()
