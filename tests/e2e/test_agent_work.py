@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from codestation import AsyncClient, NotRunning
@@ -210,4 +212,33 @@ def test_the_sessions_list_shows_whether_the_agent_is_busy(
         assert time.monotonic() < deadline, "never seen busy"
         time.sleep(0.5)
     session.abort(accepted.opencode_session)
+    session.stop()
+
+
+def upstream_connections(port: int) -> int:
+    """Connections established to a session's published port (the service's, to its OpenCode)."""
+    shown = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return len(shown.splitlines())
+
+
+def test_abandoned_event_streams_end_upstream_and_give_their_places_back(
+    working: Service, workspace: Path
+) -> None:
+    session = working.client.start(str(workspace), "agent")
+    before = upstream_connections(session.port)
+    path = f"{working.url}/api/v1/code/session/{session.id}/events"
+    headers = working.auth_headers()
+    # Far more than max_streams_per_user (16): each abandoned one must give its place back.
+    for _ in range(40):
+        with httpx.stream("GET", path, headers=headers, timeout=30) as answer:
+            assert answer.status_code == 200, answer.read()
+            next(answer.iter_bytes())
+    deadline = time.monotonic() + 15
+    while upstream_connections(session.port) > before + 3:  # keep-alive ones may come and go
+        assert time.monotonic() < deadline, "abandoned event streams live on upstream"
+        time.sleep(0.2)
+    assert session.prompt("just say hi").text  # and the agent still answers
     session.stop()

@@ -29,7 +29,8 @@ TURN = [
     {
         "info": {"id": "msg_3", "parentID": "msg_1", "time": {"completed": 2}, "cost": 0.5,
                  "tokens": {"input": 20, "output": 3}},
-        "parts": [{"type": "text", "text": "Done."}, {"type": "text", "text": "x", "synthetic": True},
+        "parts": [{"type": "text", "text": "Done."},
+                  {"type": "text", "text": "x", "synthetic": True},
                   "nonsense", {"type": "tool", "state": "nonsense"}],
     },
 ]  # fmt: skip
@@ -64,8 +65,8 @@ def test_a_turn_is_summed_over_its_messages() -> None:
 
 def test_an_unfinished_or_aborted_turn_says_so() -> None:
     assert not read(TURN[:1]).finished  # no answer yet
-    aborted = [TURN[0], {"info": {"parentID": "msg_1", "time": {"completed": 3},
-               "error": {"name": "MessageAbortedError", "data": {"message": "Aborted"}}}}]  # fmt: skip
+    error = {"name": "MessageAbortedError", "data": {"message": "Aborted"}}
+    aborted = [TURN[0], {"info": {"parentID": "msg_1", "time": {"completed": 3}, "error": error}}]
     assert read(aborted).error == "Aborted"
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 from websockets.exceptions import ConnectionClosed
 
 from codestation import __version__, prompts
@@ -43,6 +44,33 @@ from codestation.schemas import (
 )
 from codestation.sessions import Session, Status
 from codestation.terminals import MODES, Terminals
+
+
+class Stream(StreamingResponse):
+    """A streamed answer that ends as soon as its client leaves. Starlette, under ASGI 2.4,
+    notices a gone client only at its next write, and a quiet stream may not write for
+    minutes: meanwhile it would hold its upstream (an agent's event stream, a log follow)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def client_leaves() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        tasks = [
+            asyncio.ensure_future(self.stream_response(send)),
+            asyncio.ensure_future(client_leaves()),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            if self.background is not None:
+                await self.background()
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, OSError):
+                raise result
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, object]]:
@@ -178,7 +206,7 @@ async def logs(
             release()
 
     # The background task lets the stream go even if the client left before it began.
-    return StreamingResponse(stream(), media_type="text/plain", background=BackgroundTask(release))
+    return Stream(stream(), media_type="text/plain", background=BackgroundTask(release))
 
 
 @code.get("/events", response_class=StreamingResponse, responses=errors(429))
@@ -212,7 +240,7 @@ async def events(manager: Manager, who: CallerDep) -> StreamingResponse:
         finally:
             done()
 
-    return StreamingResponse(
+    return Stream(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -355,7 +383,7 @@ async def agent_events(session_id: str, manager: Manager, who: CallerDep) -> Str
             await upstream.aclose()
             release()
 
-    return StreamingResponse(
+    return Stream(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
