@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -137,3 +138,42 @@ def test_a_missing_secret_fails_the_start_naming_it(
     assert "MODEL_KEY" in answer.json()["error"]
     assert service.client.sessions() == []
     assert service.leftovers() == []
+
+
+def test_opencode_attach_works_a_prompt_through_codestation(
+    working: Service, workspace: Path, tmp_path: Path
+) -> None:
+    """OpenCode's TUI, on a terminal of its own (`script` gives it one), attached through
+    codestation's address with a token: a prompt typed into it gets done."""
+    session = working.client.start(str(workspace), "agent")
+    home = tmp_path / "tui-home"
+    home.mkdir()
+    command = shlex.join([str(opencode_binary(Settings())), "attach", session.opencode_url or "",
+                          "--password", working.token, "--dir", "/workspace"])  # fmt: skip
+    tui = subprocess.Popen(
+        ["script", "-qfec", command, "/dev/null"],
+        env={"PATH": os.environ["PATH"], "HOME": str(home), "TERM": "xterm-256color",
+             "COLUMNS": "120", "LINES": "40"},
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert tui.stdin is not None
+    try:
+        written = workspace / "via-tui.txt"
+        deadline = time.monotonic() + 90
+        typed = time.monotonic() - 22  # the first try after 8 s, when the TUI has drawn
+        while not written.exists():
+            assert tui.poll() is None, "the TUI ended"
+            assert time.monotonic() < deadline, "the prompt typed into the TUI never got done"
+            if time.monotonic() - typed > 30:  # again, on a clean line, if it was not up yet
+                tui.stdin.write(b"\x15please write via-tui.txt: from the tui")
+                tui.stdin.flush()
+                time.sleep(0.5)
+                tui.stdin.write(b"\r")
+                tui.stdin.flush()
+                typed = time.monotonic()
+            time.sleep(0.5)
+        assert written.read_text() == "from the tui"
+    finally:
+        tui.kill()
+        tui.wait(10)
+    session.stop()
