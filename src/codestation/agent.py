@@ -1,5 +1,9 @@
-"""OpenCode, the agent every session runs: its binary, its command line, its environment and
-the probe that says it is ready.
+"""OpenCode, the agent every session runs: its binary, its command line, its environment, the
+probe that says it is ready, and how its answers are read.
+
+Whatever answers on a session's port is the agent's to write (it may have replaced OpenCode):
+`ask` reads an answer bounded in size, time and shape, so no answer can exhaust the service's
+memory, stall its loops or reach a handler as anything but JSON of sane depth and numbers.
 
 The binary is the pinned `opencode-ai` release from npm, installed once per version under the
 cache directory (`npm` must be on PATH), unless `opencode_binary` names one.
@@ -7,7 +11,9 @@ cache directory (`npm` must be on PATH), unless `opencode_binary` names one.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import platform
 import shutil
@@ -16,6 +22,7 @@ import tempfile
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
@@ -94,6 +101,84 @@ def agent_env(
     return env
 
 
+ANSWER_LIMIT = 8 << 20  # bytes of one answer from an agent
+_DEPTH_LIMIT = 64
+
+
+class BadAnswer(ValueError):
+    """An answer from an agent that is too large, too slow, or not sane JSON."""
+
+
+async def ask(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    password: SecretStr,
+    *,
+    seconds: float | None,
+    json_body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """The status and the JSON (None if empty) of one request to an agent, within `seconds`
+    in all (None: no limit, for a turn that lasts as long as the model takes). httpx.HTTPError
+    if it does not answer; BadAnswer if its answer is too large or not sane JSON."""
+
+    async def read() -> tuple[int, bytes]:
+        request = client.build_request(method, url, json=json_body, headers=headers,
+                                       timeout=httpx.Timeout(30.0, read=seconds))  # fmt: skip
+        response = await client.send(request, auth=basic(password), stream=True)
+        try:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > ANSWER_LIMIT:
+                    raise BadAnswer(f"an answer over {ANSWER_LIMIT >> 20} MiB")
+            return response.status_code, bytes(body)
+        finally:
+            await response.aclose()
+
+    try:
+        status, body = await asyncio.wait_for(read(), seconds)
+    except TimeoutError:
+        raise BadAnswer(f"no whole answer within {seconds:g} s") from None
+    return status, parse(body) if body.strip() else None
+
+
+def parse(body: bytes) -> Any:
+    """JSON from an agent: finite numbers, integers of sane length, nesting of sane depth."""
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise BadAnswer(f"a number out of range: {text[:20]}")
+        return value
+
+    def refuse(text: str) -> Any:
+        raise BadAnswer(f"not a JSON number: {text}")
+
+    try:
+        found = json.loads(body, parse_float=finite, parse_constant=refuse)
+    except (ValueError, RecursionError) as exc:  # ValueError: also integers over 4,300 digits
+        raise BadAnswer(f"not JSON: {str(exc)[:100]}") from None
+    if _depth(found) > _DEPTH_LIMIT:
+        raise BadAnswer(f"JSON nested deeper than {_DEPTH_LIMIT}")
+    return found
+
+
+def _depth(value: Any) -> int:
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        deepest = max(deepest, depth)
+        if depth > _DEPTH_LIMIT:
+            break
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        level.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def basic(password: SecretStr) -> tuple[str, str]:
     """OpenCode's HTTP Basic credentials, unwrapped for a request to it."""
     return (USERNAME, password.get_secret_value())
@@ -118,9 +203,7 @@ async def is_healthy(
 async def is_busy(client: httpx.AsyncClient, url: str, password: SecretStr) -> bool | None:
     """Whether a session of the agent's OpenCode is working a turn now; None if it won't say."""
     try:
-        statuses = (
-            await client.get(f"{url}/session/status", auth=basic(password), timeout=2)
-        ).json()
+        _, statuses = await ask(client, "GET", f"{url}/session/status", password, seconds=2)
         return any(isinstance(s, dict) and s.get("type") != "idle" for s in statuses.values())
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
@@ -138,11 +221,10 @@ async def last_activity(
 
     codestation's own browser terminals are not counted: typing in one is activity (the API
     sees it), an open one left alone is not."""
-    auth = basic(password)
     try:
-        statuses = (await client.get(f"{url}/session/status", auth=auth, timeout=5)).json()
-        shells = (await client.get(f"{url}/pty", auth=auth, timeout=5)).json()
-        sessions = (await client.get(f"{url}/session", auth=auth, timeout=5)).json()
+        _, statuses = await ask(client, "GET", f"{url}/session/status", password, seconds=5)
+        _, shells = await ask(client, "GET", f"{url}/pty", password, seconds=5)
+        _, sessions = await ask(client, "GET", f"{url}/session", password, seconds=5)
     except (httpx.HTTPError, ValueError):
         return None
     # The agent can answer anything here (it may have replaced OpenCode): an answer of

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import resource
 import stat
 import sys
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from codestation.changes import Changes
@@ -61,6 +63,8 @@ TokenOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
 STATUS_STYLE = {
     Status.STARTING: "yellow",
     Status.RUNNING: "green",
@@ -71,8 +75,14 @@ STATUS_STYLE = {
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(_printable(message))}", highlight=False)
     return typer.Exit(1)
+
+
+def _printable(text: str) -> str:
+    """`text` without control characters but newlines and tabs: what the agent writes must not
+    drive the user's terminal (escape sequences set titles, colours, even the clipboard)."""
+    return _CONTROL.sub("", text)
 
 
 def _token(given: str | None) -> str | None:
@@ -332,11 +342,14 @@ def _follow_turn(client: Client, session: Session, text: str, model: str | None)
                 state = part.get("state") if isinstance(part.get("state"), dict) else {}
                 assert isinstance(state, dict)
                 if part.get("type") == "tool" and state.get("status") in ("completed", "error"):
-                    title = state.get("title") or state.get("status")
-                    err.print(f"[dim]· {part.get('tool')}: {title}[/dim]", highlight=False)
+                    title = _printable(
+                        f"· {part.get('tool')}: {state.get('title') or state.get('status')}"
+                    )
+                    err.print(title, style="dim", markup=False, highlight=False)
             elif event.type == "message.part.delta" and found.get("field") == "text":
                 if kinds.get(str(found.get("partID")), "text") == "text":
-                    out.print(str(found.get("delta", "")), end="", soft_wrap=True, highlight=False)
+                    delta = _printable(str(found.get("delta", "")))
+                    out.print(delta, end="", soft_wrap=True, markup=False, highlight=False)
             elif event.type == "session.error":
                 failure = found.get("error") if isinstance(found.get("error"), dict) else {}
                 assert isinstance(failure, dict)
@@ -361,7 +374,7 @@ def _print_changes(changes: Changes) -> None:
               f"{changes.deleted} deleted")  # fmt: skip
     marks = {"added": "[green]A", "modified": "[yellow]M", "deleted": "[red]D"}
     for change in changes.files:
-        err.print(f"  {marks[change.change]}[/] {change.path}", highlight=False)
+        err.print(f"  {marks[change.change]}[/] {escape(_printable(change.path))}", highlight=False)
     if changes.truncated:
         err.print("  ... (more: GET /api/v1/code/session/<id>/changes)")
 

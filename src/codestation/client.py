@@ -141,12 +141,13 @@ def _changes(session_id: str) -> _Call[Changes]:
 
 
 def _event(sse: ServerSentEvent) -> AgentEvent | None:
-    """OpenCode's event, from one server-sent event (None for one that is no JSON object)."""
+    """OpenCode's event, from one server-sent event; None for one of another shape (the agent
+    writes these: anything may come)."""
     try:
         data = json.loads(sse.data)
-    except ValueError:
+        return AgentEvent.model_validate(data) if isinstance(data, dict) else None
+    except (ValueError, RecursionError):  # pydantic's ValidationError is a ValueError
         return None
-    return AgentEvent.model_validate(data) if isinstance(data, dict) and "type" in data else None
 
 
 def _raise_for_error(response: httpx.Response) -> None:

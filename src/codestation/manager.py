@@ -252,11 +252,20 @@ class SessionManager:
         """Note whether each running session's agent is working, and tell subscribers when
         that changes (the sessions page shows it)."""
         running = self.running()
-        seen = await asyncio.gather(
-            *(agent.is_busy(self._http, self._local_url(s), s.password) for s in running)
+        answers = await asyncio.gather(
+            *(
+                asyncio.wait_for(
+                    agent.is_busy(self._http, self._local_url(s), s.password), ACTIVITY_TIMEOUT
+                )
+                for s in running
+            ),
+            return_exceptions=True,  # one agent's trickle or failure leaves the others be
         )
-        self.busy = {s.id: busy for s, busy in zip(running, seen, strict=True) if busy is not None}
-        for session, busy in zip(running, seen, strict=True):
+        self.busy = {
+            s.id: busy for s, busy in zip(running, answers, strict=True) if isinstance(busy, bool)
+        }
+        for session in running:
+            busy = self.busy.get(session.id)
             if busy is not None and busy != self._was_busy.get(session.id):
                 self._publish("session", session)
         self._was_busy = dict(self.busy)

@@ -13,6 +13,7 @@ is read as untrusted, an answer of the wrong shape is `AgentUnavailable`, never 
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import string
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from codestation.agent import basic
+from codestation.agent import BadAnswer, ask, basic
 from codestation.errors import AgentUnavailable, BadRequest
 from codestation.schemas import PromptAccepted, PromptRequest, Reply, Tokens, ToolUse
 
@@ -31,6 +32,8 @@ WORKSPACE = "/workspace"
 _DIRECTORY = {"x-opencode-directory": WORKSPACE}
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 TOOL_OUTPUT_SHOWN = 2000  # characters of each tool's output a reply carries
+SESSION_ID = re.compile(r"ses_[A-Za-z0-9]{1,64}")  # what may go into a path to OpenCode
+MOST_ABORTED = 64
 
 
 @dataclass(frozen=True)
@@ -43,41 +46,32 @@ class Agent:
     http: httpx.AsyncClient
 
     async def call(
-        self, method: str, path: str, *, json: Any = None, read: float | None = 30.0
+        self, method: str, path: str, *, json: Any = None, seconds: float | None = 30.0
     ) -> Any:
-        """OpenCode's JSON answer to one request (None for an empty one)."""
+        """OpenCode's JSON answer to one request (None for an empty one), within `seconds`."""
         try:
-            response = await self.http.request(
-                method,
-                f"{self.url}{path}",
-                json=json,
-                auth=basic(self.password),
-                headers=_DIRECTORY,
-                timeout=httpx.Timeout(30.0, read=read),
-            )
+            status, answer = await ask(
+                self.http, method, f"{self.url}{path}", self.password,
+                seconds=seconds, json_body=json, headers=_DIRECTORY,
+            )  # fmt: skip
         except httpx.HTTPError as exc:
             raise AgentUnavailable(
                 f"the agent of session {self.session_id} did not answer ({exc!r}); see its logs."
             ) from exc
-        if response.status_code == 404:
+        except BadAnswer as exc:
+            raise AgentUnavailable(
+                f"the agent of session {self.session_id} answered {method} {path} with {exc}."
+            ) from exc
+        if status == 404:
             raise BadRequest(
                 f"the agent of session {self.session_id} has nothing at {path}: is the "
                 "opencode_session one of its own (GET .../opencode/session lists them)?"
             )
-        if response.is_error:
+        if status >= 400:
             raise AgentUnavailable(
-                f"the agent of session {self.session_id} answered {response.status_code} to "
-                f"{method} {path}: {response.text[:300]}"
+                f"the agent of session {self.session_id} answered {status} to {method} {path}."
             )
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise AgentUnavailable(
-                f"the agent of session {self.session_id} answered {method} {path} with "
-                "something other than JSON."
-            ) from exc
+        return answer
 
 
 def message_id() -> str:
@@ -108,7 +102,7 @@ async def prompt(agent: Agent, request: PromptRequest) -> PromptAccepted | Reply
         await agent.call("POST", f"{path}/prompt_async", json=body)
         return PromptAccepted(opencode_session=opencode_session, message=body["messageID"])
     # The turn may take as long as the model does; the session's end ends the connection.
-    await agent.call("POST", f"{path}/message", json=body, read=None)
+    await agent.call("POST", f"{path}/message", json=body, seconds=None)
     return await reply(agent, opencode_session, body["messageID"])
 
 
@@ -146,8 +140,18 @@ async def reply(agent: Agent, opencode_session: str, message: str) -> Reply:
     """The agent's reply to the prompt `message` so far: its text, the tools it used, and the
     tokens and cost OpenCode counted, over every assistant message answering it."""
     messages = await agent.call("GET", f"/session/{opencode_session}/message")
+    try:
+        return _reply(messages, opencode_session, message)
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:
+        raise AgentUnavailable(
+            f"the agent of session {agent.session_id} listed its messages in a shape not "
+            f"OpenCode's ({exc!r})."
+        ) from exc
+
+
+def _reply(messages: Any, opencode_session: str, message: str) -> Reply:
     if not isinstance(messages, list):
-        raise AgentUnavailable(f"the agent of session {agent.session_id} listed no messages.")
+        raise TypeError("not a list")
     answers = [
         m for m in messages
         if isinstance(m, dict) and isinstance(m.get("info"), dict)
@@ -194,8 +198,9 @@ async def abort(agent: Agent, opencode_session: str | None) -> list[str]:
         if not isinstance(statuses, dict):
             raise AgentUnavailable(f"the agent of session {agent.session_id} gave no statuses.")
         busy = [
-            str(k) for k, v in statuses.items() if isinstance(v, dict) and v.get("type") != "idle"
-        ]
+            k for k, v in statuses.items()
+            if SESSION_ID.fullmatch(k) and isinstance(v, dict) and v.get("type") != "idle"
+        ][:MOST_ABORTED]  # fmt: skip
     else:
         busy = [opencode_session]
     for found in busy:

@@ -11,6 +11,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -73,9 +74,22 @@ def test_another_user_s_session_is_not_found_on_every_route(
             for method in operations
         ]
         assert len(routes) >= 4, routes
+        # A request each route would take, so that only whose session it is can refuse it.
+        valid: dict[str, dict[str, Any]] = {
+            "/prompt": {"json": {"text": "hi"}},
+            "/reply": {"params": {"opencode_session": "ses_a", "message": "msg_a"}},
+        }
         for method, path in routes:
-            theirs = bob.request(method, path.replace("{session_id}", alices.id))
-            unknown = bob.request(method, path.replace("{session_id}", "cs-aaaaaaaaaaaaaaaa"))
+            asked = next((v for end, v in valid.items() if path.endswith(end)), {})
+            theirs = bob.request(method, path.replace("{session_id}", alices.id), **asked)
+            unknown = bob.request(
+                method, path.replace("{session_id}", "cs-aaaaaaaaaaaaaaaa"), **asked
+            )
+            _not_found_like_a_stranger(theirs, unknown)
+        # OpenCode's own API through codestation (no route of the schema: the proxy's).
+        for path in ("/opencode/session", "/opencode/config", "/opencode"):
+            theirs = bob.get(f"/api/v1/code/session/{alices.id}{path}")
+            unknown = bob.get(f"/api/v1/code/session/cs-aaaaaaaaaaaaaaaa{path}")
             _not_found_like_a_stranger(theirs, unknown)
         follow = bob.get(f"/api/v1/code/session/{alices.id}/logs", params={"follow": True})
         assert follow.status_code == 404

@@ -40,8 +40,9 @@ def test_opencode_run_attach_completes_a_turn_through_codestation(
     home.mkdir()
     done = subprocess.run(
         [str(opencode_binary(Settings())), "run", "--attach", session.opencode_url,
-         "--password", working.token, "please write via-cli.txt: from opencode run"],
-        env={"PATH": os.environ["PATH"], "HOME": str(home)},
+         "please write via-cli.txt: from opencode run"],
+        env={"PATH": os.environ["PATH"], "HOME": str(home),
+             "OPENCODE_SERVER_PASSWORD": working.token},
         capture_output=True, text=True, timeout=180, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -149,11 +150,11 @@ def test_opencode_attach_works_a_prompt_through_codestation(
     home = tmp_path / "tui-home"
     home.mkdir()
     command = shlex.join([str(opencode_binary(Settings())), "attach", session.opencode_url or "",
-                          "--password", working.token, "--dir", "/workspace"])  # fmt: skip
+                          "--dir", "/workspace"])  # fmt: skip
     tui = subprocess.Popen(
         ["script", "-qfec", command, "/dev/null"],
         env={"PATH": os.environ["PATH"], "HOME": str(home), "TERM": "xterm-256color",
-             "COLUMNS": "120", "LINES": "40"},
+             "COLUMNS": "120", "LINES": "40", "OPENCODE_SERVER_PASSWORD": working.token},
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     assert tui.stdin is not None

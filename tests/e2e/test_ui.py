@@ -212,6 +212,18 @@ def test_start_watch_open_and_stop_from_the_ui(
     assert 401 not in answered
     expect(opencode.get_by_text("workspace", exact=True).first).to_be_visible(timeout=20_000)
     expect(opencode.get_by_text("an OpenCode session made before Open")).to_be_visible()
+    # codestation's first page there goes on only to a page of that host, however `next` is
+    # written (a tab inside `/\t/evil.example` is dropped by URL parsers: `//evil.example`).
+    here = f"http://{session_id}.localhost:{service.port}"
+    for sly in (
+        "/%09/evil.example/",
+        "//evil.example/",
+        "https://evil.example/",
+        "/\\evil.example",
+    ):
+        opencode.goto(f"{here}/_codestation/open?next={sly}")
+        opencode.wait_for_url(re.compile(rf"^{re.escape(here)}/"))
+        assert opencode.url.startswith(f"{here}/"), (sly, opencode.url)
     SHOTS.mkdir(parents=True, exist_ok=True)
     opencode.screenshot(path=SHOTS / "opencode-ui.png")
     # From that page (another origin), the terminal's WebSocket is refused.

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from codestation.agent import ANSWER_LIMIT, BadAnswer, ask, parse
 from codestation.api.access import _basic_password
 from codestation.errors import AgentUnavailable, BadRequest
 from codestation.prompts import Agent, abort, message_id, reply
@@ -118,3 +119,54 @@ def test_message_ids_have_opencode_s_shape_and_order() -> None:
 )
 def test_basic_credentials_carry_a_token_as_their_password(header: str, password: str) -> None:
     assert _basic_password(header) == password
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"NaN", b"[Infinity]", b'{"a": 1e999}', b"[" * 100 + b"]" * 100, b"[" * 5000 + b"]" * 5000,
+     b"1" * 5000, b"{not json"],
+)  # fmt: skip
+def test_an_agent_s_answer_must_be_sane_json(body: bytes) -> None:
+    with pytest.raises(BadAnswer):
+        parse(body)
+
+
+def test_an_answer_too_large_is_refused_without_reading_it_all() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"[" + b"1," * (ANSWER_LIMIT // 2) + b"1]")
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            await ask(http, "GET", "http://agent/session", SecretStr("pw"), seconds=5)
+
+    with pytest.raises(BadAnswer, match="MiB"):
+        asyncio.run(run())
+
+
+def test_abort_never_puts_what_the_agent_said_into_a_path() -> None:
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path == "/session/status":
+            return httpx.Response(
+                200, json={"ses_a\r\nX: y": {"type": "busy"}, "../x": {"type": "busy"},
+                           **{f"ses_{i}": {"type": "busy"} for i in range(200)}},
+            )  # fmt: skip
+        return httpx.Response(200, json=True)
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            return await abort(Agent("cs-1", "http://agent", SecretStr("pw"), http), None)
+
+    aborted = asyncio.run(run())
+    assert len(aborted) == 64
+    assert all(re.fullmatch(r"ses_\d+", a) for a in aborted)
+
+
+def test_odd_shapes_in_a_reply_are_read_or_refused_never_a_500() -> None:
+    odd = read([{"info": {"parentID": "msg_1", "tokens": {"input": "x"}}, "parts": "no"}])
+    assert odd.tokens.input == 0
+    assert odd.tools == []
+    with pytest.raises(AgentUnavailable, match="shape"):
+        read([{"info": {"parentID": "msg_1", "error": {"data": ["odd"]}}, "parts": []}])

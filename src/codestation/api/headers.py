@@ -7,7 +7,8 @@ session's OpenCode keeps its own policy, plus no framing, no referrer and nosnif
 
 Request bodies to the service itself are capped at `max_body_size`: a larger one gets 413
 before a handler reads it (by Content-Length), or as soon as it passes the cap (chunked).
-Bodies bound for a session's OpenCode are OpenCode's business and pass uncapped.
+Bodies bound for a session's OpenCode (on its host name, or under
+`/api/v1/code/session/{id}/opencode`) are OpenCode's business and pass uncapped.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from codestation.api.access import refuse, session_host
+from codestation.api.access import opencode_path, refuse, session_host
 from codestation.errors import PayloadTooLarge
 
 SERVICE_POLICY = (
@@ -53,7 +54,7 @@ class Hardening:
                     headers["x-frame-options"] = "DENY"
             await send(message)
 
-        if session_host(scope) is not None:
+        if session_host(scope) is not None or opencode_path(scope) is not None:
             await self.app(scope, receive, send_hardened)
             return
         length = Headers(scope=scope).get("content-length", "")

@@ -66,6 +66,9 @@ class Stream(StreamingResponse):
             for task in tasks:
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            closing = getattr(self.body_iterator, "aclose", None)
+            if closing is not None:  # its upstream goes now, not whenever it is collected
+                await closing()
             if self.background is not None:
                 await self.background()
         for result in results:

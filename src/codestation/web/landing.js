@@ -18,6 +18,14 @@ state.projects.local = projects;
 state.lastProject = { ...(state.lastProject && typeof state.lastProject === "object" ? state.lastProject : {}), local: WORKSPACE };
 localStorage.setItem(KEY, JSON.stringify(state));
 
-const next = new URLSearchParams(location.search).get("next") ?? "/";
-const safe = next.startsWith("/") && !next.startsWith("//") && !next.startsWith("/\\");
-location.replace(safe ? next : "/");
+// Only ever on to a page of this very origin, however `next` is written (URL parsers drop
+// tabs and newlines, so a check of its first characters alone can be fooled).
+let target = "/";
+try {
+  const next = new URL(new URLSearchParams(location.search).get("next") ?? "/", location.origin);
+  const ours = next.pathname.startsWith("/_codestation/"); // never back here: no loop
+  if (next.origin === location.origin && !ours) target = next.pathname + next.search + next.hash;
+} catch {
+  target = "/";
+}
+location.replace(target);
