@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
 import time
@@ -19,6 +20,8 @@ import pytest
 from codestation import AsyncClient, NotRunning
 from codestation.schemas import AgentEvent
 from tests.e2e.conftest import Model, Service, ServiceFactory
+
+USER = 4321  # the workspace's owner, whom the agent runs as
 
 
 @pytest.fixture
@@ -32,12 +35,14 @@ def working(start_service: ServiceFactory, model: Model) -> Service:
 def test_a_prompt_edits_the_workspace_and_the_change_is_reported(
     working: Service, workspace: Path
 ) -> None:
+    for path in [workspace, *workspace.rglob("*")]:  # a user's, not root's
+        os.chown(path, USER, USER)
     with working.client.start(str(workspace), "agent") as session:
         assert session.status == "running", session.error
         reply = session.prompt("please write hello.txt: Hello from the agent")
         written = workspace / "hello.txt"
         assert written.read_text() == "Hello from the agent"
-        assert written.stat().st_uid == workspace.stat().st_uid
+        assert (written.stat().st_uid, written.stat().st_gid) == (USER, USER)
         assert reply.finished
         assert reply.error is None
         assert reply.opencode_session.startswith("ses_")
