@@ -50,7 +50,14 @@ def wait_healthy(url: str, password: str, deadline: float) -> None:
     raise TimeoutError(f"{url} did not become healthy")
 
 
-def codestation_start(client: Client, workspace: Path, environment: str) -> float:
+PHASES = ("admission", "prepare", "sandbox", "snapshot", "boot")
+
+
+def codestation_start(
+    client: Client, workspace: Path, environment: str, phases: list[dict[str, float]] | None = None
+) -> float:
+    """Seconds from POST start to OpenCode healthy; the session's own timing of each phase of
+    its start goes into `phases`."""
     begin = time.monotonic()
     started = client.start(str(workspace), environment, wait=False)
     session = client.wait(started.id, interval=0.02, timeout=120)
@@ -58,6 +65,8 @@ def codestation_start(client: Client, workspace: Path, environment: str) -> floa
         raise RuntimeError(f"session failed: {session.error}")
     wait_healthy(session.url, session.auth.password, time.monotonic() + 60)
     elapsed = time.monotonic() - begin
+    if phases is not None:
+        phases.append(session.phases)
     client.delete(session.id)
     return elapsed
 
@@ -130,9 +139,10 @@ def main() -> None:
                 codestation_start(client, workspace, "bwrap")
                 bare_start(binary, workspace)
                 a, b, c = [], [], []
+                phases: dict[str, list[dict[str, float]]] = {"docker": [], "bwrap": []}
                 for i in range(args.runs):
-                    a.append(codestation_start(client, workspace, "default"))
-                    b.append(codestation_start(client, workspace, "bwrap"))
+                    a.append(codestation_start(client, workspace, "default", phases["docker"]))
+                    b.append(codestation_start(client, workspace, "bwrap", phases["bwrap"]))
                     c.append(bare_start(binary, workspace))
                     print(
                         f"run {i + 1}: docker {a[-1]:.2f} s, bwrap {b[-1]:.2f} s, "
@@ -148,6 +158,11 @@ def main() -> None:
     print(f"  (b) codestation start -> healthy, bwrap:  {mb:.2f} s")
     print(f"  (c) bare opencode serve -> healthy:       {mc:.2f} s")
     print(f"  ratio a/c: {ma / mc:.2f}   ratio b/c: {mb / mc:.2f}")
+    print("\nphases of a start, as each session timed them (median seconds)")
+    print("  " + "".join(f"{name:>11}" for name in ("runtime", *PHASES)))
+    for runtime, seen in phases.items():
+        medians = [statistics.median(p.get(name, 0.0) for p in seen) for name in PHASES]
+        print("  " + f"{runtime:>11}" + "".join(f"{m:>11.3f}" for m in medians))
 
 
 if __name__ == "__main__":

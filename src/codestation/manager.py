@@ -23,6 +23,7 @@ import contextlib
 import logging
 import pwd
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
@@ -436,6 +437,7 @@ class SessionManager:
         max_age: float | None = None,
     ) -> Session:
         """Record a new `starting` session of `caller`'s and launch it in the background."""
+        began = time.perf_counter()
         profile = self.settings.environments.get(environment)
         if profile is None:
             names = ", ".join(sorted(self.settings.environments))
@@ -475,7 +477,8 @@ class SessionManager:
             gid=opened.gid,
         )
         self._publish("session", session)
-        task = self._spawn(session.id, self._launch(runtime, session.id, spec=spec))
+        phases = {"admission": time.perf_counter() - began}
+        task = self._spawn(session.id, self._launch(runtime, session.id, spec=spec, phases=phases))
         # Even a launch cancelled before it began must let go of the directory.
         task.add_done_callback(lambda _: opened.close())
         log.info("session %s of %s starting on port %d for %s",
@@ -582,25 +585,34 @@ class SessionManager:
         *,
         spec: LaunchSpec | None = None,
         resume: State | None = None,
+        phases: dict[str, float] | None = None,
     ) -> None:
+        """Launch (or, after a restart, wait again for) a session's sandbox until OpenCode
+        answers. `phases` gathers how long each step took (seconds), kept on the session."""
+        phases = phases if phases is not None else {}
         try:
             if spec is not None:
                 # Taken while the sandbox is prepared: the agent does nothing before a prompt.
-                taking = self.snapshots.take(spec.session_id, spec.workspace)
+                taking = _timed(
+                    phases, "snapshot", self.snapshots.take(spec.session_id, spec.workspace)
+                )
                 snapshot = asyncio.ensure_future(taking)
                 try:
-                    state = await self._launch_sandbox(runtime, spec)
+                    state = await self._launch_sandbox(runtime, spec, phases)
                 finally:
                     await asyncio.shield(snapshot)
             else:
                 assert resume is not None
                 state = resume
             await self._step(session_id, "waiting for OpenCode")
-            await self._wait_ready(runtime, session_id, state)
+            await _timed(phases, "boot", self._wait_ready(runtime, session_id, state))
+            took = {name: round(seconds, 4) for name, seconds in phases.items()}
             session = await self._change(
                 session_id,
                 lambda s: (
-                    s.advance(Status.RUNNING, step=None) if s.status is Status.STARTING else s
+                    s.advance(Status.RUNNING, step=None, phases=took)
+                    if s.status is Status.STARTING
+                    else s
                 ),
             )
             log.info("session %s running at %s", session_id, self.url(session))
@@ -612,14 +624,16 @@ class SessionManager:
             reason = str(exc) if isinstance(exc, CodestationError) else f"internal error: {exc!r}"
             await self._fail(session_id, reason)
 
-    async def _launch_sandbox(self, runtime: Runtime, spec: LaunchSpec) -> State:
+    async def _launch_sandbox(
+        self, runtime: Runtime, spec: LaunchSpec, phases: dict[str, float]
+    ) -> State:
         await self._step(spec.session_id, "preparing the sandbox")
         async with self._prepare_lock:
-            await runtime.prepare(
+            await _timed(phases, "prepare", runtime.prepare(
                 spec.profile, lambda line: log.info("prepare %s: %s", spec.session_id, line)
-            )
+            ))  # fmt: skip
         await self._step(spec.session_id, "launching OpenCode")
-        launch = asyncio.ensure_future(runtime.start(spec))
+        launch = asyncio.ensure_future(_timed(phases, "sandbox", runtime.start(spec)))
         try:
             state = await asyncio.shield(launch)
         except asyncio.CancelledError:
@@ -835,6 +849,15 @@ class SessionManager:
 
     async def _record_state(self, session_id: str, state: State) -> None:
         await self._change(session_id, lambda s: s.with_changes(runtime_state=state))
+
+
+async def _timed(phases: dict[str, float], name: str, work: Awaitable[T]) -> T:
+    """`work`'s result, its duration noted in `phases` under `name`."""
+    began = time.perf_counter()
+    try:
+        return await work
+    finally:
+        phases[name] = time.perf_counter() - began
 
 
 async def _each(items: Iterable[T], work: Callable[[T], Awaitable[object]], failure: str) -> int:

@@ -55,6 +55,15 @@ class SessionInfo(BaseModel):
         "clients: `opencode run --attach <opencode_url> --password <your token>`; set while "
         "the session is running.",
     )
+    started_from: Literal["cold", "pool"] = Field(
+        default="cold", description="cold: a sandbox was made for it."
+    )
+    phases: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds each step of its start took: admission (checks, records, a port), "
+        "prepare (image or binary), sandbox (its creation), boot (OpenCode, up to its first "
+        "answer), and snapshot (of the workspace, alongside prepare and sandbox).",
+    )
     agent: Literal["busy", "idle"] | None = Field(
         default=None, description="Whether the agent is working, as last seen; unset: unknown."
     )

@@ -89,6 +89,8 @@ class Session:
     limits: dict[str, Any] = field(default_factory=dict)  # what its runtime enforces
     owner: str = ""  # the user who started it; "" for sessions older than accounts: admins'
     memory: int = 0  # bytes of the service's memory budget it reserves (its memory limit)
+    started_from: str = "cold"  # cold: a sandbox made for it
+    phases: dict[str, float] = field(default_factory=dict)  # seconds each step of its start took
 
     def due(self, at: datetime) -> str | None:
         """Why a running session should be culled at `at` (`max_age`, `idle`), or None."""

@@ -28,6 +28,11 @@ def test_start_run_reach_and_stop(service: Service, workspace: Path, runtime: st
 
     session = service.client.wait(session_id, timeout=120)
     assert session.status is Status.RUNNING, session.error
+    # How it started, step by step: a cold start, each phase timed.
+    assert session.started_from == "cold"
+    assert set(session.phases) == {"admission", "prepare", "sandbox", "boot", "snapshot"}
+    assert all(0 <= took < 120 for took in session.phases.values()), session.phases
+    assert session.phases["boot"] > session.phases["admission"]
     assert session.runtime == runtime
     assert service.ports[0] <= session.port <= service.ports[1]
     assert session.url == f"http://127.0.0.1:{session.port}"

@@ -111,6 +111,8 @@ def info(manager: SessionManager, s: Session) -> SessionInfo:
         url=manager.url(s) if s.status is Status.RUNNING else None,
         web_url=manager.web_url(s) if s.status is Status.RUNNING else None,
         opencode_url=manager.opencode_url(s) if s.status is Status.RUNNING else None,
+        started_from="pool" if s.started_from == "pool" else "cold",
+        phases=s.phases,
         agent=_busy(manager.busy.get(s.id)) if s.status is Status.RUNNING else None,
         port=s.port,
         workspace=str(s.workspace),
