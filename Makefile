@@ -28,3 +28,4 @@ test: setup lint
 bench: setup
 	.venv/bin/python benchmarks/cold_start.py
 	.venv/bin/python benchmarks/changes.py
+	.venv/bin/python benchmarks/proxy.py

@@ -156,9 +156,13 @@ class SessionProxy:
             raw_path=scope["raw_path"]
             + (b"?" + scope["query_string"] if scope.get("query_string") else b""),
         )
-        request = self._http.build_request(
-            scope["method"], url, headers=headers, content=_body(receive, body_sent)
-        )
+        sent = Headers(scope=scope)
+        if "content-length" in sent or "transfer-encoding" in sent:
+            content: AsyncIterator[bytes] | None = _body(receive, body_sent)
+        else:  # no body: sent as none, not as an empty chunked one OpenCode would wait on
+            content = None
+            body_sent.set()
+        request = self._http.build_request(scope["method"], url, headers=headers, content=content)
         try:
             response = await self._http.send(request, stream=True)
         except OSError:
