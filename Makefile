@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Both set up what they need first.
-.PHONY: setup run test lint unit e2e bench
+.PHONY: setup run test lint unit e2e bench bench-quick
 
 setup:
 	@scripts/setup.sh
@@ -26,6 +26,7 @@ test: setup lint
 	.venv/bin/pytest -m serial
 
 bench: setup
-	.venv/bin/python benchmarks/cold_start.py
-	.venv/bin/python benchmarks/changes.py
-	.venv/bin/python benchmarks/proxy.py
+	.venv/bin/python benchmarks/suite.py
+
+bench-quick: setup
+	.venv/bin/python benchmarks/suite.py --quick

@@ -14,6 +14,7 @@ sandbox image, bubblewrap).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import socket
@@ -122,6 +123,7 @@ def serve(data_dir: Path, port: int, runtime: str = "docker") -> subprocess.Pope
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="Also write the figures here, as JSON.")
     args = parser.parse_args()
 
     binary = opencode_binary(Settings())
@@ -163,6 +165,15 @@ def main() -> None:
     for runtime, seen in phases.items():
         medians = [statistics.median(p.get(name, 0.0) for p in seen) for name in PHASES]
         print("  " + f"{runtime:>11}" + "".join(f"{m:>11.3f}" for m in medians))
+    if args.json:
+        figures = {
+            "cold start docker s": round(ma, 3),
+            "cold start bwrap s": round(mb, 3),
+            "bare opencode s": round(mc, 3),
+            "cold start docker ratio": round(ma / mc, 2),
+            "cold start bwrap ratio": round(mb / mc, 2),
+        }
+        args.json.write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""Every benchmark, one after the other, and one table: each figure beside its goal.
+
+Each benchmark runs as it does alone (its own detailed output passes through) and hands its
+figures over as JSON; the ratios are measured side by side within each benchmark's own run.
+`--quick` runs each briefly, to prove they all still run (what CI does): its figures are noisy,
+never a verdict.
+
+    .venv/bin/python benchmarks/suite.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+# Each benchmark: its script, its arguments in full and in --quick.
+BENCHMARKS = {
+    "cold_start.py": (["--runs", "7"], ["--runs", "1"]),
+    "changes.py": (["--runs", "7"], ["--runs", "1", "--files", "1000"]),
+    "proxy.py": (["--requests", "300"], ["--requests", "30"]),
+}
+# What each figure is held to (issue 11), where there is a goal.
+GOALS = {
+    "cold start docker ratio": "<= 1.10 x bare",
+    "cold start bwrap ratio": "<= 1.05 x bare",
+    "proxy /global/health ratio": "<= 1.2 x direct",
+    "proxy /session ratio": "<= 1.2 x direct",
+    "start on the big workspace ratio": "~ 1 (the snapshot hides in the start)",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Briefly: prove they run.")
+    args = parser.parse_args()
+
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
+        for script, (full, quick) in BENCHMARKS.items():
+            out = Path(tmp, f"{script}.json")
+            print(f"\n== {script}", flush=True)
+            subprocess.run(
+                [sys.executable, str(HERE / script), *(quick if args.quick else full),
+                 "--json", str(out)],
+                check=True,
+            )  # fmt: skip
+            figures |= json.loads(out.read_text())
+
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cores = len(os.sched_getaffinity(0))
+    kind = "quick: noisy, not a verdict" if args.quick else "full run"
+    machine = f"{platform.node()}: {cores} cores, Python {platform.python_version()}"
+    print(f"\n== all figures ({kind}), {when}, {machine}")
+    width = max(len(name) for name in figures)
+    for name, value in figures.items():
+        print(f"  {name:<{width}}  {value:>10}  {GOALS.get(name, '')}")
+
+
+if __name__ == "__main__":
+    main()
