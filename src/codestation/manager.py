@@ -355,15 +355,19 @@ class SessionManager:
     def opencode_url(self, session: Session) -> str:
         return f"{self.settings.service_url}/api/v1/code/session/{session.id}/opencode"
 
-    def agent(self, caller: Caller, session_id: str) -> prompts.Agent:
-        """How to reach the running session's OpenCode, for work `caller` asks of it."""
+    def _running(self, caller: Caller, session_id: str, why: str) -> Session:
+        """`caller`'s session if it runs (NotRunning, saying `why` it must, if not); an API
+        call about it, so activity."""
         session = self.get(caller, session_id)
         if session.status is not Status.RUNNING:
-            raise NotRunning(
-                f"session {session_id} is {session.status}, so its agent cannot take work; "
-                "start a new session (POST /api/v1/code/start)."
-            )
+            raise NotRunning(f"session {session_id} is {session.status}; {why}")
         self.touch(session)
+        return session
+
+    def agent(self, caller: Caller, session_id: str) -> prompts.Agent:
+        """How to reach the running session's OpenCode, for work `caller` asks of it."""
+        session = self._running(caller, session_id, "its agent cannot take work: start a new "
+                                "session (POST /api/v1/code/start).")  # fmt: skip
         return prompts.Agent(session.id, self._local_url(session), session.password,
                              self._agent_http)  # fmt: skip
 
@@ -399,13 +403,8 @@ class SessionManager:
 
     async def changes(self, caller: Caller, session_id: str) -> Changes:
         """What changed in the running session's workspace since it started."""
-        session = self.get(caller, session_id)
-        if session.status is not Status.RUNNING:
-            raise NotRunning(
-                f"session {session_id} is {session.status}; what changed is kept only while it "
-                "runs (its snapshot goes when it stops)."
-            )
-        self.touch(session)
+        session = self._running(caller, session_id, "what changed is kept only while it runs "
+                                "(its snapshot goes when it stops).")  # fmt: skip
         return await self.snapshots.report(session_id, session.workspace)
 
     async def logs(self, caller: Caller, session_id: str, tail: int) -> str:

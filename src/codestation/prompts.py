@@ -12,7 +12,6 @@ is read as untrusted, an answer of the wrong shape is `AgentUnavailable`, never 
 
 from __future__ import annotations
 
-import base64
 import re
 import secrets
 import string
@@ -213,11 +212,11 @@ async def events(agent: Agent) -> AsyncGenerator[bytes, None]:
     request = agent.http.build_request(
         "GET",
         f"{agent.url}/event",
-        headers={**_DIRECTORY, "accept": "text/event-stream", "authorization": _basic(agent)},
+        headers={**_DIRECTORY, "accept": "text/event-stream"},
         timeout=httpx.Timeout(30.0, read=None),
     )
     try:
-        response = await agent.http.send(request, stream=True)
+        response = await agent.http.send(request, auth=basic(agent.password), stream=True)
     except httpx.HTTPError as exc:
         raise AgentUnavailable(
             f"the agent of session {agent.session_id} did not answer ({exc!r}); see its logs."
@@ -234,11 +233,6 @@ async def events(agent: Agent) -> AsyncGenerator[bytes, None]:
         return  # the sandbox went away: the stream ends with it
     finally:
         await response.aclose()
-
-
-def _basic(agent: Agent) -> str:
-    user, password = basic(agent.password)
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _tool(part: dict[str, Any]) -> ToolUse:
