@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,16 @@ import httpx
 from pydantic import SecretStr
 
 from codestation.config import EnvironmentProfile, Settings
-from codestation.errors import RuntimeUnavailable, SecretMissing
+from codestation.errors import AgentExited, RuntimeUnavailable, SecretMissing, StartTimeout
 from codestation.workspaces import Workspace
 
 USERNAME = "opencode"
 # Where OpenCode listens inside a container; the runtime publishes it on the leased host port.
 CONTAINER_PORT = 8080
+WORKSPACE = "/workspace"
+# Every request to an agent names its project: a sandbox started ahead of need (the warm
+# pool) runs OpenCode from another directory, so its default project is not the workspace.
+DIRECTORY = {"x-opencode-directory": WORKSPACE}
 # Keep a session off the network for things it does not need: updates, model lists, sharing.
 OFFLINE_ENV = {
     "OPENCODE_DISABLE_AUTOUPDATE": "1",
@@ -65,9 +70,13 @@ def serve_args(hostname: str, port: int, binary: str = "opencode") -> list[str]:
 
 
 def serve_command(
-    hostname: str, port: int, workspace: Workspace, binary: str = "opencode"
+    hostname: str, port: int, workspace: Workspace | None, binary: str = "opencode"
 ) -> list[str]:
-    """A sandbox's command: the workspace guard, then `opencode serve`."""
+    """A sandbox's command: the workspace guard, then `opencode serve`. A sandbox started
+    without a workspace (the warm pool) has nothing to guard yet: its slot is checked when a
+    workspace is mounted on it (`slots.py`)."""
+    if workspace is None:
+        return serve_args(hostname, port, binary)
     pairs = " ".join(f"{path}={ids}" for path, ids in workspace.identities().items())
     guard = ["sh", "-c", _GUARD, pairs]
     return [*guard, *serve_args(hostname, port, binary)]
@@ -124,7 +133,8 @@ async def ask(
     if it does not answer; BadAnswer if its answer is too large or not sane JSON."""
 
     async def read() -> tuple[int, bytes]:
-        request = client.build_request(method, url, json=json_body, headers=headers,
+        request = client.build_request(method, url, json=json_body,
+                                       headers={**DIRECTORY, **(headers or {})},
                                        timeout=httpx.Timeout(30.0, read=seconds))  # fmt: skip
         response = await client.send(request, auth=basic(password), stream=True)
         try:
@@ -198,6 +208,35 @@ async def is_healthy(
         return bool(response.json().get("healthy"))
     except (ValueError, AttributeError):  # not JSON, or not an object
         return False
+
+
+PROBE_INTERVAL = 0.1  # seconds between readiness probes
+PROBE_TIMEOUT = 1.0
+
+
+async def wait_ready(
+    client: httpx.AsyncClient,
+    url: str,
+    password: SecretStr,
+    seconds: float,
+    ended: Callable[[], Awaitable[str | None]],
+) -> None:
+    """Probe until OpenCode answers healthy. AgentExited if `ended()` says why it ended first;
+    StartTimeout after `seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        remaining = deadline - loop.time()
+        if await is_healthy(client, url, password, max(0.05, min(PROBE_TIMEOUT, remaining))):
+            return
+        reason = await ended()
+        if reason is not None:
+            raise AgentExited(f"OpenCode ended before it was ready: {reason}")
+        if loop.time() >= deadline:
+            raise StartTimeout(
+                f"OpenCode did not answer {url}/global/health within {seconds:g} s (start_timeout)"
+            )
+        await asyncio.sleep(PROBE_INTERVAL)
 
 
 async def is_busy(client: httpx.AsyncClient, url: str, password: SecretStr) -> bool | None:

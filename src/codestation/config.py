@@ -158,6 +158,15 @@ class EnvironmentProfile(BaseModel):
         default=None, ge=0, description="Unset: the service's idle_timeout."
     )
     max_age: float | None = Field(default=None, ge=0, description="Unset: the service's max_age.")
+    pool: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Sandboxes kept started ahead of need, for each runtime and workspace owner "
+        "that started a session in this environment: a start then takes one in milliseconds "
+        "instead of booting OpenCode. They use only spare room (max_live_sessions, the memory "
+        "budget, the port range) and need codestation to run as root.",
+    )
 
     @model_validator(mode="after")
     def _secrets_by_reference(self) -> EnvironmentProfile:

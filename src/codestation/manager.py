@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import pwd
 import secrets
@@ -33,7 +34,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import SecretStr
 
-from codestation import agent, prompts
+from codestation import agent, pool, prompts
 from codestation.changes import Changes
 from codestation.config import Limits, Settings, size_bytes
 from codestation.errors import (
@@ -42,15 +43,16 @@ from codestation.errors import (
     BadRequest,
     CodestationError,
     Forbidden,
+    NoFreePort,
     NotRunning,
     RuntimeUnavailable,
     SessionNotFound,
-    StartTimeout,
     TooManySessions,
     TooManyStreams,
     UnknownEnvironment,
 )
 from codestation.identity import Caller
+from codestation.pool import Pool
 from codestation.ports import PortAllocator
 from codestation.runtimes import LaunchSpec, Runtime, State, choose_runtime
 from codestation.sessions import Session, Status, new_session_id, now
@@ -62,11 +64,13 @@ log = logging.getLogger("codestation")
 
 T = TypeVar("T")
 
-PROBE_INTERVAL = 0.1
 ACTIVITY_TIMEOUT = 10.0  # seconds an agent has to say whether it is busy
 EVENTS_BUFFERED = 256  # changes a subscriber may fall behind by before it is dropped
-PROBE_TIMEOUT = 1.0
 AGENT_INTERVAL = 3.0  # seconds between looks at whether each agent is working
+# Seconds a start that took a pool member waits for the claim before it answers: a claim
+# takes milliseconds (a snapshot of a large workspace may take longer; it then answers
+# `starting`, as a cold start does).
+CLAIM_WAIT = 2.0
 
 
 class SessionManager:
@@ -95,6 +99,8 @@ class SessionManager:
         self._sweep: set[str] = set()  # runtimes that may hold sandboxes no record knows
         self._subscribers: dict[asyncio.Queue[tuple[str, Session | None]], Caller] = {}
         self._streams: collections.Counter[str] = collections.Counter()
+        self.pool = Pool(settings, runtimes, store, self.ports, self.memory_budget,
+                         starting=lambda: len(self._launches))  # fmt: skip
 
     # -- lifecycle of the manager itself ---------------------------------------------------
 
@@ -102,6 +108,8 @@ class SessionManager:
         """Choose the default runtime, then bring the store in line with what really runs."""
         self.default_runtime = await choose_runtime(self.settings, self.runtimes)
         await self.reconcile()
+        self._want_pools()
+        self.pool.open()
         self._loops = [
             asyncio.create_task(self._every(self.settings.watch_interval, self.watch)),
             asyncio.create_task(self._every(self.settings.cull_interval, self.cull)),
@@ -120,6 +128,7 @@ class SessionManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pool.close()
         await self._http.aclose()
         await self._agent_http.aclose()
         for runtime in self.runtimes.values():
@@ -159,7 +168,8 @@ class SessionManager:
         """Remove the sandboxes of runtime `name` that no live record knows; how many."""
         runtime = self.runtimes[name]
         held = await runtime.running_sessions()
-        known = {s.id for s in self.store.list(live_only=True)}  # after listing: none missed
+        # After listing: none missed.
+        known = {s.id for s in self.store.list(live_only=True)} | self.pool.ids()
         orphans = sorted(held - known)
         failed = await _each(
             orphans,
@@ -319,6 +329,11 @@ class SessionManager:
             await self._stop(session.id, session.reason or "requested")
             return
         runtime = self.runtimes[session.runtime]
+        if session.status is Status.STARTING and session.started_from == "pool":
+            # The claim was cut off: whether its workspace was bound cannot be told for sure.
+            await self._fail(session.id, "codestation stopped while the session took its "
+                             "pre-started sandbox; start it again.")  # fmt: skip
+            return
         exit_ = await runtime.poll(session.id, session.runtime_state)
         if exit_ is None and session.status is Status.STARTING:
             resume = self._launch(runtime, session.id, resume=session.runtime_state)
@@ -457,32 +472,70 @@ class SessionManager:
         opened = open_workspace(
             workspace, self.settings.roots_for(caller.user), self.settings.reserved_dirs
         )
+        member = None
         try:
             if not profile.git_writable:
                 opened.pin_git()
-            session = self._record_start(caller, opened, runtime, environment, idle, age, limits)
+            if profile.pool:
+                key = pool.Key(environment, runtime.name, opened.uid, opened.gid)
+                self.pool.want(key)
+                member = self.pool.take(key, pool.fingerprint(profile, secret_values))
+            record = functools.partial(self._record_start, caller, opened, runtime, environment,
+                                       idle, age, limits)  # fmt: skip
+            try:
+                session = record(member)
+            except NoFreePort:
+                if member is not None or not await self.pool.make_room():
+                    raise
+                session = record(None)  # the port a pool member held
         except BaseException:
+            if member is not None:
+                self.pool.give_back(member)
             opened.close()
             raise
-        spec = LaunchSpec(
-            session_id=session.id,
-            workspace=opened,
-            address=self.settings.publish_address,
-            port=session.port,
-            env=agent.agent_env(session.password, profile, secret_values),
-            profile=profile,
-            limits=limits,
-            uid=opened.uid,
-            gid=opened.gid,
-        )
         self._publish("session", session)
         phases = {"admission": time.perf_counter() - began}
-        task = self._spawn(session.id, self._launch(runtime, session.id, spec=spec, phases=phases))
+        if member is not None:
+            self.pool.claimed(member)
+            task = self._spawn(session.id, self._claim(runtime, session.id, opened, phases))
+        else:
+            spec = LaunchSpec(
+                session_id=session.id,
+                workspace=opened,
+                address=self.settings.publish_address,
+                port=session.port,
+                env=agent.agent_env(session.password, profile, secret_values),
+                profile=profile,
+                limits=limits,
+                uid=opened.uid,
+                gid=opened.gid,
+            )
+            task = self._spawn(
+                session.id, self._launch(runtime, session.id, spec=spec, phases=phases)
+            )
         # Even a launch cancelled before it began must let go of the directory.
         task.add_done_callback(lambda _: opened.close())
-        log.info("session %s of %s starting on port %d for %s",
-                 session.id, caller.user, session.port, opened.path)  # fmt: skip
+        log.info("session %s of %s starting (%s) on port %d for %s",
+                 session.id, caller.user, session.started_from, session.port,
+                 opened.path)  # fmt: skip
+        if member is not None:
+            await asyncio.wait({task}, timeout=CLAIM_WAIT)  # never cancels it
+            return self._load(session.id)
         return session
+
+    def _want_pools(self) -> None:
+        """Fill the pools of the kinds of session started lately (before this service ran)."""
+        recent = sorted(self.store.list(), key=lambda s: s.created_at, reverse=True)[:50]
+        for session in recent:
+            profile = self.settings.environments.get(session.environment)
+            if profile is None or not profile.pool or session.runtime not in self.runtimes:
+                continue
+            try:
+                owner = session.workspace.stat()
+            except OSError:
+                continue
+            self.pool.want(pool.Key(session.environment, session.runtime,
+                                    owner.st_uid, owner.st_gid))  # fmt: skip
 
     def _record_start(
         self,
@@ -493,15 +546,16 @@ class SessionManager:
         idle: float,
         age: float,
         limits: Limits,
+        member: pool.Member | None,
     ) -> Session:
+        """Record a new `starting` session: a pool member's id, port, password and sandbox,
+        or a fresh id and password and the first port that can be had."""
         check_owner(
             workspace,
             caller.user,
             self._uid_of(caller.user),
             exempt=caller.admin and self.settings.admin_any_owner,
         )
-        password = SecretStr(secrets.token_urlsafe(24))
-        session_id = new_session_id()
         most = self.settings.max_sessions(caller.user)
         quota = Quota(
             per_owner=most, sessions=self.settings.max_live_sessions, memory=self.memory_budget
@@ -513,27 +567,34 @@ class SessionManager:
                 f"more than the whole memory budget ({_gib(self.memory_budget)}); lower its "
                 "limits.memory or raise memory_budget."
             )
-        try:
-            return self.ports.lease(
-                lambda port: Session(
-                    id=session_id,
-                    status=Status.STARTING,
-                    runtime=runtime.name,
-                    workspace=workspace.path,
-                    environment=environment,
-                    port=port,
-                    username=agent.USERNAME,
-                    password=password,
-                    created_at=now(),
-                    step="queued",
-                    idle_timeout=idle,
-                    max_age=age,
-                    limits=runtime.enforced(limits),
-                    owner=caller.user,
-                    memory=memory,
-                ),
-                quota,
+
+        def new(port: int) -> Session:
+            return Session(
+                id=member.id if member else new_session_id(),
+                status=Status.STARTING,
+                runtime=runtime.name,
+                workspace=workspace.path,
+                environment=environment,
+                port=port,
+                username=agent.USERNAME,
+                password=member.password if member else SecretStr(secrets.token_urlsafe(24)),
+                created_at=now(),
+                step="taking a pre-started sandbox" if member else "queued",
+                runtime_state=member.state if member else {},
+                idle_timeout=idle,
+                max_age=age,
+                limits=runtime.enforced(limits),
+                owner=caller.user,
+                memory=memory,
+                started_from="pool" if member else "cold",
             )
+
+        try:
+            if member is None:
+                return self.ports.lease(new, quota)
+            session = new(member.port)
+            self.store.create(session, quota)  # its port is the member's, held for it
+            return session
         except LimitReached:
             raise TooManySessions(
                 f"you have {most} live sessions, as many as you may; stop one "
@@ -551,14 +612,15 @@ class SessionManager:
                 f"this host is full: {said}. Stop a session, or try again later."
             ) from None
 
-    def capacity(self) -> dict[str, int]:
-        """What the service may run, and what its live sessions take of it."""
+    def capacity(self) -> dict[str, Any]:
+        """What the service may run, what its live sessions take of it, what the pool holds."""
         live, reserved = self.store.usage()
         return {
             "sessions": live,
             "max_sessions": self.settings.max_live_sessions,
             "memory_reserved": reserved,
             "memory_budget": self.memory_budget,
+            "pool_ready": self.pool.ready(),
         }
 
     def _uid_of(self, user: str) -> int | None:
@@ -591,6 +653,7 @@ class SessionManager:
         phases = phases if phases is not None else {}
         try:
             if spec is not None:
+                assert spec.workspace is not None  # a cold start's
                 # Taken while the sandbox is prepared: the agent does nothing before a prompt.
                 taking = _timed(
                     phases, "snapshot", self.snapshots.take(spec.session_id, spec.workspace)
@@ -605,23 +668,47 @@ class SessionManager:
                 state = resume
             await self._step(session_id, "waiting for OpenCode")
             await _timed(phases, "boot", self._wait_ready(runtime, session_id, state))
-            took = {name: round(seconds, 4) for name, seconds in phases.items()}
-            session = await self._change(
-                session_id,
-                lambda s: (
-                    s.advance(Status.RUNNING, step=None, phases=took)
-                    if s.status is Status.STARTING
-                    else s
-                ),
-            )
-            log.info("session %s running at %s", session_id, self.url(session))
+            await self._now_running(session_id, phases)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if not isinstance(exc, CodestationError):
-                log.exception("session %s: unexpected error while starting", session_id)
-            reason = str(exc) if isinstance(exc, CodestationError) else f"internal error: {exc!r}"
-            await self._fail(session_id, reason)
+            await self._start_failed(session_id, exc)
+
+    async def _claim(
+        self, runtime: Runtime, session_id: str, workspace: Workspace, phases: dict[str, float]
+    ) -> None:
+        """Make a pool member's sandbox the session's: bind its workspace into it, check its
+        OpenCode still answers, take the snapshot `changes` compares with."""
+        try:
+            session = self._load(session_id)
+            await _timed(phases, "bind", runtime.bind(session_id, session.runtime_state, workspace))
+            url, password = self._local_url(session), session.password
+            if not await agent.is_healthy(self._http, url, password, agent.PROBE_TIMEOUT):
+                raise AgentExited("its OpenCode, started ahead of need, stopped answering")
+            await _timed(phases, "snapshot", self.snapshots.take(session_id, workspace))
+            await self._now_running(session_id, phases)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._start_failed(session_id, exc)
+
+    async def _now_running(self, session_id: str, phases: dict[str, float]) -> None:
+        took = {name: round(seconds, 4) for name, seconds in phases.items()}
+        session = await self._change(
+            session_id,
+            lambda s: (
+                s.advance(Status.RUNNING, step=None, phases=took)
+                if s.status is Status.STARTING
+                else s
+            ),
+        )
+        log.info("session %s running at %s", session_id, self.url(session))
+
+    async def _start_failed(self, session_id: str, exc: Exception) -> None:
+        if not isinstance(exc, CodestationError):
+            log.exception("session %s: unexpected error while starting", session_id)
+        reason = str(exc) if isinstance(exc, CodestationError) else f"internal error: {exc!r}"
+        await self._fail(session_id, reason)
 
     async def _launch_sandbox(
         self, runtime: Runtime, spec: LaunchSpec, phases: dict[str, float]
@@ -646,23 +733,13 @@ class SessionManager:
 
     async def _wait_ready(self, runtime: Runtime, session_id: str, state: State) -> None:
         session = self._load(session_id)
-        url = self._local_url(session)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.start_timeout
-        while True:
-            remaining = deadline - loop.time()
-            timeout = max(0.05, min(PROBE_TIMEOUT, remaining))
-            if await agent.is_healthy(self._http, url, session.password, timeout):
-                return
+
+        async def ended() -> str | None:
             exit_ = await runtime.poll(session_id, state)
-            if exit_ is not None:
-                raise AgentExited(f"OpenCode ended before it was ready: {exit_.reason}")
-            if loop.time() >= deadline:
-                raise StartTimeout(
-                    f"OpenCode did not answer {url}/global/health within "
-                    f"{self.settings.start_timeout:g} s (start_timeout)"
-                )
-            await asyncio.sleep(PROBE_INTERVAL)
+            return exit_.reason if exit_ else None
+
+        await agent.wait_ready(self._http, self._local_url(session), session.password,
+                               self.settings.start_timeout, ended)  # fmt: skip
 
     async def _fail(self, session_id: str, reason: str) -> None:
         """Mark a starting or running session failed, remove what is left of its sandbox, and

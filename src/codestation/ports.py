@@ -37,11 +37,19 @@ class PortAllocator:
         self.start = start
         self.end = end
         self.address = address
+        self._reserved: set[int] = set()  # held by the warm pool, which is not in the store
+
+    def reserve(self, port: int) -> None:
+        """Keep `port` from every lease until `release`d (a sandbox started ahead holds it)."""
+        self._reserved.add(port)
+
+    def release(self, port: int) -> None:
+        self._reserved.discard(port)
 
     def candidates(self) -> Iterator[int]:
-        leased = self.store.leased_ports()
+        taken = self.store.leased_ports().keys() | self._reserved
         for port in range(self.start, self.end + 1):
-            if port not in leased and port_is_free(self.address, port):
+            if port not in taken and port_is_free(self.address, port):
                 yield port
 
     def lease(self, make_session: Callable[[int], Session], quota: Quota | None = None) -> Session:

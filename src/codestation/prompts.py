@@ -23,12 +23,10 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from codestation.agent import BadAnswer, ask, basic
+from codestation.agent import DIRECTORY, BadAnswer, ask, basic
 from codestation.errors import AgentUnavailable, BadRequest
 from codestation.schemas import PromptAccepted, PromptRequest, Reply, Tokens, ToolUse
 
-WORKSPACE = "/workspace"
-_DIRECTORY = {"x-opencode-directory": WORKSPACE}
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 TOOL_OUTPUT_SHOWN = 2000  # characters of each tool's output a reply carries
 SESSION_ID = re.compile(r"ses_[A-Za-z0-9]{1,64}")  # what may go into a path to OpenCode
@@ -51,7 +49,7 @@ class Agent:
         try:
             status, answer = await ask(
                 self.http, method, f"{self.url}{path}", self.password,
-                seconds=seconds, json_body=json, headers=_DIRECTORY,
+                seconds=seconds, json_body=json,
             )  # fmt: skip
         except httpx.HTTPError as exc:
             raise AgentUnavailable(
@@ -212,7 +210,7 @@ async def events(agent: Agent) -> AsyncGenerator[bytes, None]:
     request = agent.http.build_request(
         "GET",
         f"{agent.url}/event",
-        headers={**_DIRECTORY, "accept": "text/event-stream"},
+        headers={**DIRECTORY, "accept": "text/event-stream"},
         timeout=httpx.Timeout(30.0, read=None),
     )
     try:

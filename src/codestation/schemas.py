@@ -134,6 +134,10 @@ class Capacity(BaseModel):
     max_sessions: int = Field(description="Live sessions the service may run (max_live_sessions).")
     memory_reserved: int = Field(description="Bytes of memory live sessions' limits reserve.")
     memory_budget: int = Field(description="Bytes those limits may add up to (memory_budget).")
+    pool_ready: dict[str, int] = Field(
+        default_factory=dict,
+        description="Sandboxes started ahead of need and ready to be taken, by environment.",
+    )
 
 
 class Health(BaseModel):

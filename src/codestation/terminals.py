@@ -28,7 +28,7 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from codestation.agent import TERMINAL
+from codestation.agent import DIRECTORY, TERMINAL
 from codestation.sessions import Session
 
 MODES = ("agent", "shell")
@@ -65,8 +65,9 @@ class Terminals:
         if known is not None:
             known.detached_at = None  # claimed: `sweep` must not end it while we ask
             alive = await self._http.get(
-                f"{self._url(session)}/pty/{known.pty_id}", auth=self._auth(session)
-            )
+                f"{self._url(session)}/pty/{known.pty_id}", auth=self._auth(session),
+                headers=DIRECTORY,
+            )  # fmt: skip
             if alive.status_code == 200 and alive.json().get("status") == "running":
                 return known.pty_id
         if mode == "agent":
@@ -81,6 +82,7 @@ class Terminals:
             created = await self._http.post(
                 f"{self._url(session)}/pty",
                 auth=self._auth(session),
+                headers=DIRECTORY,
                 json={
                     "command": command, "args": args, "cwd": "/workspace",
                     "title": TERMINAL + mode,
@@ -99,6 +101,7 @@ class Terminals:
         await self._http.put(
             f"{self._url(session)}/pty/{pty_id}",
             auth=self._auth(session),
+            headers=DIRECTORY,
             json={"size": {"rows": rows, "cols": cols}},
         )
 
@@ -119,7 +122,7 @@ class Terminals:
         ws_url = self._url(session).replace("http://", "ws://")
         async with connect(
             f"{ws_url}/pty/{pty_id}/connect?cursor=0",
-            additional_headers={"Authorization": f"Basic {token}"},
+            additional_headers={"Authorization": f"Basic {token}", **DIRECTORY},
             max_size=None,
         ) as pty:
 
@@ -178,7 +181,10 @@ class Terminals:
             try:
                 # Bounded: the agent controls its OpenCode and may trickle an answer.
                 listed = await asyncio.wait_for(
-                    self._http.get(f"{self._url(session)}/pty", auth=self._auth(session)), 10
+                    self._http.get(
+                        f"{self._url(session)}/pty", auth=self._auth(session), headers=DIRECTORY
+                    ),
+                    10,
                 )
                 shells = listed.json()
                 left = [p["id"] for p in shells if str(p.get("title", "")).startswith(TERMINAL)]
@@ -191,4 +197,6 @@ class Terminals:
 
     async def _end(self, session: Session, pty_id: str) -> None:
         with contextlib.suppress(httpx.HTTPError):  # gone with its session already
-            await self._http.delete(f"{self._url(session)}/pty/{pty_id}", auth=self._auth(session))
+            await self._http.delete(
+                f"{self._url(session)}/pty/{pty_id}", auth=self._auth(session), headers=DIRECTORY
+            )

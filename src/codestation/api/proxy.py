@@ -33,6 +33,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from codestation.accounts import Accounts
+from codestation.agent import DIRECTORY
 from codestation.api.access import (
     CSRF_HEADER,
     OURS,
@@ -283,6 +284,11 @@ def _upstream_headers(scope: Scope, session: Session) -> list[tuple[str, str]]:
     theirs = [f"{k}={v}" for k, v in cookie_pairs(scope) if k not in OURS]
     if theirs:
         headers.append(("cookie", "; ".join(theirs)))
+    # A request that names no project is about the workspace: OpenCode's own default is its
+    # working directory, which is not /workspace in a sandbox started ahead (the warm pool).
+    named = any(k.lower() == "x-opencode-directory" for k, _ in headers)
+    if not named and b"directory=" not in scope.get("query_string", b""):
+        headers.extend(DIRECTORY.items())
     return [*headers, ("authorization", _basic(session))]
 
 

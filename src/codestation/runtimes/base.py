@@ -34,17 +34,28 @@ Rules for each method:
   OpenCode only if /workspace is that directory (device and inode), so a swap in the last
   instant before the mount fails the start instead of moving it. The manager closes the
   descriptor.
+  `spec.workspace` is None for a sandbox started ahead of need (the warm pool): mount the
+  session's slot (`self.slots.make(session_id)`, `slots.py`) at /workspace as a slave of the
+  host's mount, and run OpenCode from another working directory (the workspace will cover
+  /workspace later; a process keeps the directory it started in).
+- `can_bind()`: whether this runtime, here, can start sandboxes ahead of need and `bind`
+  a workspace into them later. False unless a runtime says otherwise.
+- `bind(session_id, state, workspace)`: make `workspace` the running sandbox's /workspace
+  (`self.slots.fill`), then check, from inside the sandbox, that /workspace and each pinned
+  path are the very files that were checked (StartFailed if not). Only for a sandbox started
+  without a workspace, and only once.
 - `poll(session_id, state)`: `None` while the agent runs; an `Exit` once it has ended or cannot
   be found. Before `start` returned, or for a session this runtime never saw, an `Exit`.
 - `stop(session_id, state, grace)`: end the agent (SIGTERM, then SIGKILL after `grace`
   seconds), remove everything it left (container, process group), and return the last lines of
-  its log. Idempotent: a session already gone returns "". Never touches the workspace.
+  its log, and release its slot if it has one. Idempotent: a session already gone returns "".
+  Never touches the workspace.
 - `logs(session_id, state, tail)`: the last `tail` lines of the agent's output.
 - `follow(session_id, state, tail)`: the last `tail` lines of the agent's output, then the rest
   as it comes, until the agent ends or the caller stops iterating.
 - `running_sessions()`: the ids of every session this runtime still holds a sandbox for (running
-  or exited) under this data directory, recorded or not: the manager `stop`s those no live
-  record knows.
+  or exited) under this data directory, recorded or not, and of every slot left: the manager
+  `stop`s those that no live record or pool member knows.
 - `ended()`: session ids whose sandbox may just have ended, as the engine reports them, so the
   manager can poll them at once. Runs until cancelled; the manager's periodic `poll` of every
   running session is the backstop, so a runtime without such events yields nothing.
@@ -53,12 +64,16 @@ Rules for each method:
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from codestation import slots
 from codestation.config import EnvironmentProfile, Limits, Settings
+from codestation.errors import StartFailed
+from codestation.slots import Slots
 from codestation.workspaces import Workspace
 
 State = dict[str, Any]
@@ -68,7 +83,7 @@ Report = Callable[[str], None]
 @dataclass(frozen=True)
 class LaunchSpec:
     session_id: str
-    workspace: Workspace
+    workspace: Workspace | None  # None: started ahead of need, its workspace bound later
     address: str
     port: int
     env: dict[str, str]
@@ -92,6 +107,7 @@ class Runtime(ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.slots = Slots(settings.data_dir / "slots")
 
     @abstractmethod
     def inside_port(self, port: int) -> int: ...
@@ -107,6 +123,17 @@ class Runtime(ABC):
 
     @abstractmethod
     async def start(self, spec: LaunchSpec) -> State: ...
+
+    def can_bind(self) -> bool:
+        return False
+
+    async def bind(self, session_id: str, state: State, workspace: Workspace) -> None:
+        raise StartFailed(f"the {self.name} runtime cannot take a workspace into a running sandbox")
+
+    async def _bind_at(self, session_id: str, root: str, workspace: Workspace) -> None:
+        """`bind` for a sandbox whose file system the host sees at `root` (/proc/<pid>/root)."""
+        await asyncio.to_thread(self.slots.fill, session_id, workspace)
+        await asyncio.to_thread(slots.verify, root, workspace)
 
     @abstractmethod
     async def poll(self, session_id: str, state: State) -> Exit | None: ...

@@ -38,12 +38,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from codestation import agent, cgroups, network
+from codestation import agent, cgroups, network, slots
 from codestation.cgroups import Cgroups
 from codestation.config import EnvironmentProfile, Limits, Settings, size_bytes
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.ports import port_is_free
 from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
+from codestation.workspaces import Workspace
 
 BINARY_INSIDE = "/opt/opencode/bin/opencode"
 PATH_INSIDE = "/opt/opencode/bin:/usr/local/bin:/usr/bin:/bin"
@@ -199,6 +200,18 @@ class BwrapRuntime(Runtime):
         report("installing OpenCode")
         await asyncio.to_thread(agent.opencode_binary, self.settings)
 
+    def _workspace_args(self, spec: LaunchSpec) -> list[str]:
+        if spec.workspace is None:  # ahead of need: the slot (bwrap's mounts are the host's slaves)
+            return ["--bind", str(self.slots.path(spec.session_id)), "/workspace"]
+        # By its descriptor: the directory that was checked, whatever its path names now.
+        return [
+            "--bind-fd", str(spec.workspace.fd), "/workspace",
+            *(arg for pin in spec.workspace.pinned for arg in (
+                "--ro-bind-fd" if pin.read_only else "--bind-fd", str(pin.fd),
+                f"/workspace/{pin.relative}",
+            )),
+        ]  # fmt: skip
+
     def _argv(self, spec: LaunchSpec, binary: Path, status_fd: int) -> list[str]:
         argv = [self._bwrap(), "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
         for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
@@ -212,18 +225,15 @@ class BwrapRuntime(Runtime):
             "--perms", "0755", "--dir", "/opt/opencode",
             "--perms", "0755", "--dir", "/opt/opencode/bin",
             "--ro-bind", str(binary), BINARY_INSIDE,
-            # By its descriptor: the directory that was checked, whatever its path names now.
-            "--bind-fd", str(spec.workspace.fd), "/workspace",
-            *(arg for pin in spec.workspace.pinned for arg in (
-                "--ro-bind-fd" if pin.read_only else "--bind-fd", str(pin.fd),
-                f"/workspace/{pin.relative}",
-            )),
+            *self._workspace_args(spec),
             "--proc", "/proc",
             "--dev", "/dev",
             "--perms", "1777",
             *(["--size", str(size_bytes(spec.limits.tmp))] if spec.limits.tmp else []),
             "--tmpfs", "/tmp",
-            "--chdir", "/workspace",
+            # Not /workspace in a slot's sandbox: the workspace covers it later, and a process
+            # keeps the directory it started in.
+            "--chdir", "/workspace" if spec.workspace is not None else "/tmp",
             "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             *(["--unshare-net"] if spec.profile.network != "full" else []),
             "--hostname", f"codestation-{spec.session_id}",
@@ -267,6 +277,9 @@ class BwrapRuntime(Runtime):
             "TERM": "xterm-256color",
             **spec.env,
         }
+        if spec.workspace is None:
+            self.slots.make(spec.session_id)
+        held = (spec.workspace.fd, *(p.fd for p in spec.workspace.pinned)) if spec.workspace else ()
         made = self._cgroups.create(spec.session_id, spec.limits) if self._cgroups else []
         with log_path.open("ab") as log, status_path.open("wb") as status:
             argv = self._argv(spec, binary, status.fileno())
@@ -278,15 +291,12 @@ class BwrapRuntime(Runtime):
                     stderr=subprocess.STDOUT,
                     env=env,
                     cwd="/",
-                    pass_fds=(
-                        status.fileno(),
-                        spec.workspace.fd,
-                        *(p.fd for p in spec.workspace.pinned),
-                    ),
+                    pass_fds=(status.fileno(), *held),
                     start_new_session=True,  # outlives the service; one group to signal
                 )
             except OSError as exc:
                 cgroups.remove(made)
+                self.slots.release(spec.session_id)
                 raise StartFailed(f"bubblewrap could not be started: {exc}") from exc
         started = _start_time(child.pid)
         state: State = {"pid": child.pid, "start_time": started, "cgroups": list(map(str, made))}
@@ -305,6 +315,7 @@ class BwrapRuntime(Runtime):
                 child.wait()
                 cgroups.remove(made)
                 record.unlink(missing_ok=True)
+                self.slots.release(spec.session_id)
                 raise
             record.write_text(json.dumps(state))
         return state
@@ -456,6 +467,7 @@ class BwrapRuntime(Runtime):
             child.wait()
         self._end_forwarder(session_id, state)
         await asyncio.to_thread(cgroups.remove, [Path(p) for p in state.get("cgroups", [])])
+        await asyncio.to_thread(self.slots.release, session_id)
         log_path = self.log_dir / f"{session_id}.log"
         tail = _tail(log_path, self.settings.log_tail_lines)
         for path in (
@@ -522,4 +534,14 @@ class BwrapRuntime(Runtime):
                 await asyncio.sleep(0.25)
 
     async def running_sessions(self) -> set[str]:
-        return {record.stem for record in self.run_dir.glob("*.json")}
+        return {record.stem for record in self.run_dir.glob("*.json")} | self.slots.ids()
+
+    def can_bind(self) -> bool:
+        return slots.supported()
+
+    async def bind(self, session_id: str, state: State, workspace: Workspace) -> None:
+        state = self._state(session_id, state)
+        if not state or not self._alive(session_id, state):
+            raise StartFailed("the session's sandbox is not running")
+        pid = await asyncio.to_thread(_child_pid, self.run_dir / f"{session_id}.status", 5)
+        await self._bind_at(session_id, f"/proc/{pid}/root", workspace)

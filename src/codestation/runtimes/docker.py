@@ -33,11 +33,12 @@ import requests.exceptions
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 
-from codestation import agent, network
+from codestation import agent, network, slots
 from codestation.config import EnvironmentProfile, Limits, Settings
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.image import ensure_image, image_tag
 from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
+from codestation.workspaces import Workspace
 
 LABEL_MANAGED = "codestation.managed"
 LABEL_SESSION = "codestation.session"
@@ -181,31 +182,39 @@ class DockerRuntime(Runtime):
     def _start(self, spec: LaunchSpec) -> State:
         name = container_name(spec.session_id)
         networking = self._network(spec.profile)
+        workspace = spec.workspace
+        if workspace is None:  # ahead of need: the slot, whose mounts reach in (rslave)
+            slot = self.slots.make(spec.session_id)
+            mounts = [Mount("/workspace", str(slot), type="bind", propagation="rslave")]
+        else:
+            # Where the checked directory is now (it follows a rename, never a symlink put in
+            # its place); the engine mounts by path, so the command's guard checks it got that
+            # directory. A Mount, unlike `volumes`, never creates a missing source.
+            mounts = [
+                Mount("/workspace", workspace.current_path, type="bind"),
+                *(
+                    Mount(
+                        f"/workspace/{pin.relative}",
+                        pin.current_path,
+                        type="bind",
+                        read_only=pin.read_only,
+                    )
+                    for pin in workspace.pinned
+                ),
+            ]
         try:
             container: Container = self.client.containers.run(
                 self.image_for(spec.profile),
-                command=agent.serve_command("0.0.0.0", agent.CONTAINER_PORT, spec.workspace),
+                command=agent.serve_command("0.0.0.0", agent.CONTAINER_PORT, workspace),
                 name=name,
                 detach=True,
                 init=True,
                 user=f"{spec.uid}:{spec.gid}",
-                working_dir="/workspace",
+                # Not /workspace in a slot's sandbox: the workspace covers it later, and a
+                # process keeps the directory it started in.
+                working_dir="/workspace" if workspace is not None else "/tmp",
                 environment={"HOME": "/tmp", **spec.env},
-                # Where the checked directory is now (it follows a rename, never a symlink put
-                # in its place); the engine mounts by path, so the command's guard checks it
-                # got that directory. A Mount, unlike `volumes`, never creates a missing source.
-                mounts=[
-                    Mount("/workspace", spec.workspace.current_path, type="bind"),
-                    *(
-                        Mount(
-                            f"/workspace/{pin.relative}",
-                            pin.current_path,
-                            type="bind",
-                            read_only=pin.read_only,
-                        )
-                        for pin in spec.workspace.pinned
-                    ),
-                ],
+                mounts=mounts,
                 ports={f"{agent.CONTAINER_PORT}/tcp": (spec.address, spec.port)},
                 labels={
                     LABEL_MANAGED: "true",
@@ -223,10 +232,21 @@ class DockerRuntime(Runtime):
             )
         except docker.errors.APIError as exc:
             self._remove(name)  # `run` creates before it starts; a failed start leaves one
+            self.slots.release(spec.session_id)
             raise StartFailed(
                 f"Docker could not start the session's container: {exc.explanation or exc}"
             ) from exc
         return {"container_id": container.id, "container_name": name}
+
+    def can_bind(self) -> bool:
+        return slots.supported()
+
+    async def bind(self, session_id: str, state: State, workspace: Workspace) -> None:
+        container = await self._call(self._container, session_id, state)
+        pid = container.attrs["State"].get("Pid") if container is not None else None
+        if not pid:
+            raise StartFailed("the session's container is not running")
+        await self._bind_at(session_id, f"/proc/{pid}/root", workspace)
 
     def _container(self, session_id: str, state: State) -> Container | None:
         for ref in (state.get("container_id"), container_name(session_id)):
@@ -264,12 +284,13 @@ class DockerRuntime(Runtime):
 
     def _stop(self, session_id: str, state: State, grace: float) -> str:
         container = self._container(session_id, state)
-        if container is None:
-            return ""
-        with contextlib.suppress(docker.errors.NotFound):
-            container.stop(timeout=int(max(grace, 0)))
-        tail = self._tail(container, self.settings.log_tail_lines)
-        self._remove(container.id or container_name(session_id))
+        tail = ""
+        if container is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                container.stop(timeout=int(max(grace, 0)))
+            tail = self._tail(container, self.settings.log_tail_lines)
+            self._remove(container.id or container_name(session_id))
+        self.slots.release(session_id)  # once nothing in the sandbox holds it
         return tail
 
     @staticmethod
@@ -313,7 +334,8 @@ class DockerRuntime(Runtime):
         containers = await self._call(
             lambda: self.client.containers.list(all=True, filters={"label": labels})
         )
-        return {c.labels[LABEL_SESSION] for c in containers if LABEL_SESSION in c.labels}
+        held = {c.labels[LABEL_SESSION] for c in containers if LABEL_SESSION in c.labels}
+        return held | self.slots.ids()
 
     async def close(self) -> None:
         if self._client is not None:
