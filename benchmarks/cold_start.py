@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -93,7 +94,12 @@ def bare_start(binary: Path, workspace: Path) -> float:
         process.wait(timeout=30)
 
 
-def serve(data_dir: Path, port: int, runtime: str = "docker") -> subprocess.Popen[bytes]:
+def serve(
+    data_dir: Path,
+    port: int,
+    runtime: str = "docker",
+    environments: dict[str, Any] | None = None,
+) -> subprocess.Popen[bytes]:
     """The service, on its own data; its first start writes the admin token to `token`."""
     env = {
         **os.environ,
@@ -101,7 +107,7 @@ def serve(data_dir: Path, port: int, runtime: str = "docker") -> subprocess.Pope
         "CODESTATION_TOKEN_FILE": str(data_dir.parent / "config" / "token"),
         "CODESTATION_PORT": str(port),
         "CODESTATION_RUNTIME": runtime,
-        "CODESTATION_ENVIRONMENTS": '{"bwrap": {"runtime": "bwrap"}}',
+        "CODESTATION_ENVIRONMENTS": json.dumps(environments or {"bwrap": {"runtime": "bwrap"}}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "codestation.cli", "serve"],

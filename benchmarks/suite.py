@@ -25,6 +25,7 @@ HERE = Path(__file__).parent
 # Each benchmark: its script, its arguments in full and in --quick.
 BENCHMARKS = {
     "cold_start.py": (["--runs", "7"], ["--runs", "1"]),
+    "warm_start.py": (["--runs", "30"], ["--runs", "2"]),
     "changes.py": (["--runs", "7"], ["--runs", "1", "--files", "1000"]),
     "proxy.py": (["--requests", "300"], ["--requests", "30"]),
 }
@@ -32,6 +33,10 @@ BENCHMARKS = {
 GOALS = {
     "cold start docker ratio": "<= 1.10 x bare",
     "cold start bwrap ratio": "<= 1.05 x bare",
+    "warm start docker p50 ms": "<= 100 (E2B ~100-150, Daytona < 90)",
+    "warm start docker p95 ms": "<= 250",
+    "warm start bwrap p50 ms": "<= 100 (E2B ~100-150, Daytona < 90)",
+    "warm start bwrap p95 ms": "<= 250",
     "proxy /global/health ratio": "<= 1.2 x direct",
     "proxy /session ratio": "<= 1.2 x direct",
     "start on the big workspace ratio": "~ 1 (the snapshot hides in the start)",
