@@ -2,10 +2,11 @@
 
 Timed from POST /api/v1/code/start to OpenCode answering for that workspace: `GET /file?path=.`
 through codestation's proxy lists the workspace's files. Each run then deletes the session and
-waits for the pool to refill, so every start finds one member ready. Runs alternate between
-Docker and bubblewrap. Prints p50 and p95 of each, beside E2B's and Daytona's published figures
-(about 100-150 ms and under 90 ms, from pre-started or snapshotted machines), and the direct
-`GET /file?path=.` to a running OpenCode for scale. Needs what `make run` sets up, as root.
+waits for every pool to refill, so every start finds a member ready and none booting beside
+it. Runs alternate between Docker and bubblewrap. Prints p50 and p95 of each, beside E2B's
+and Daytona's published figures (about 100-150 ms and under 90 ms, from pre-started or
+snapshotted machines), and the direct `GET /file?path=.` to a running OpenCode for scale.
+Needs what `make run` sets up, as root.
 
     .venv/bin/python benchmarks/warm_start.py [--runs 30]
 """
@@ -41,8 +42,9 @@ def warm_start(
     client: Client, http: httpx.Client, workspace: Path, environment: str
 ) -> tuple[float, str]:
     """Seconds from POST start to the workspace's files listed through the proxy, and where
-    the session started from."""
-    wait_pool(client, environment)
+    the session started from. Every pool is full first: no member boots beside the start."""
+    for each in ENVIRONMENTS:
+        wait_pool(client, each)
     begin = time.perf_counter()
     session = client.start(str(workspace), environment, wait=False)
     answered = time.perf_counter() - begin

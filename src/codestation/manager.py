@@ -474,9 +474,15 @@ class SessionManager:
         )
         member = None
         try:
+            check_owner(
+                opened,
+                caller.user,
+                self._uid_of(caller.user),
+                exempt=caller.admin and self.settings.admin_any_owner,
+            )
             if not profile.git_writable:
                 opened.pin_git()
-            if profile.pool:
+            if profile.pool:  # only once the caller may start sessions as this owner
                 key = pool.Key(environment, runtime.name, opened.uid, opened.gid)
                 self.pool.want(key)
                 member = self.pool.take(key, pool.fingerprint(profile, secret_values))
@@ -494,6 +500,7 @@ class SessionManager:
             opened.close()
             raise
         self._publish("session", session)
+        self.pool.fit()  # members give way at once to the room this session takes
         phases = {"admission": time.perf_counter() - began}
         if member is not None:
             self.pool.claimed(member)
@@ -531,7 +538,7 @@ class SessionManager:
             if profile is None or not profile.pool or session.runtime not in self.runtimes:
                 continue
             try:
-                owner = session.workspace.stat()
+                owner = session.workspace.lstat()  # a symlink put there says nothing
             except OSError:
                 continue
             self.pool.want(pool.Key(session.environment, session.runtime,
@@ -550,12 +557,6 @@ class SessionManager:
     ) -> Session:
         """Record a new `starting` session: a pool member's id, port, password and sandbox,
         or a fresh id and password and the first port that can be had."""
-        check_owner(
-            workspace,
-            caller.user,
-            self._uid_of(caller.user),
-            exempt=caller.admin and self.settings.admin_any_owner,
-        )
         most = self.settings.max_sessions(caller.user)
         quota = Quota(
             per_owner=most, sessions=self.settings.max_live_sessions, memory=self.memory_budget
@@ -681,7 +682,16 @@ class SessionManager:
         OpenCode still answers, take the snapshot `changes` compares with."""
         try:
             session = self._load(session_id)
-            await _timed(phases, "bind", runtime.bind(session_id, session.runtime_state, workspace))
+            bind = asyncio.ensure_future(
+                _timed(phases, "bind", runtime.bind(session_id, session.runtime_state, workspace))
+            )
+            try:
+                await asyncio.shield(bind)
+            except asyncio.CancelledError:
+                # Stopped mid-bind: the mount finishes (it uses the workspace's descriptors,
+                # closed once this task ends) before the stop removes the sandbox and its slot.
+                await asyncio.wait({bind})
+                raise
             url, password = self._local_url(session), session.password
             if not await agent.is_healthy(self._http, url, password, agent.PROBE_TIMEOUT):
                 raise AgentExited("its OpenCode, started ahead of need, stopped answering")

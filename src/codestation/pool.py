@@ -182,7 +182,7 @@ class Pool:
 
     async def _round(self) -> None:
         await self._drop_ended()
-        await self._fit()
+        self.fit()
         if self._starting_sessions():
             return  # a person's start comes first; the pool fills after
         for key in sorted(self._wanted, key=lambda k: len(self._ready.get(k, []))):
@@ -268,7 +268,7 @@ class Pool:
         port, spare = next(free, None), next(free, None)
         return port if spare is not None else None  # one stays free for a start
 
-    async def _fit(self) -> None:
+    def fit(self) -> None:
         """Stop members while sessions and members together pass the service's room."""
         live, reserved = self.store.usage()
         while members := self._members():
@@ -302,8 +302,9 @@ class Pool:
     def _retire(self, member: Member, why: str) -> None:
         """Take `member` out of the pool and stop it in the background."""
         members = self._ready.get(member.key, [])
-        if member in members:
-            members.remove(member)
+        if member not in members:
+            return  # taken by a start meanwhile: a session's now, not the pool's to stop
+        members.remove(member)
         log.info("warm pool: stopping %s: %s", member.id, why)
         task = asyncio.create_task(self._stop(member))
         self._stops.add(task)

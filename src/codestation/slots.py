@@ -20,11 +20,13 @@ mount calls need Linux 5.12 (`mount_setattr`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
 import re
 import struct
+import threading
 from pathlib import Path
 
 from codestation.errors import StartFailed
@@ -46,6 +48,8 @@ _OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -68,24 +72,23 @@ def _mount(source: str | None, target: str, flags: int) -> None:
 
 
 def _clone(fd: int, *, recursive: bool, read_only: bool) -> int:
-    """A detached copy of the mount tree at the open file `fd`, read-only if asked."""
+    """A detached copy of the mount tree at the open file `fd`: never set-uid or device files
+    (as bubblewrap's own binds), read-only if asked."""
     flags = _AT_EMPTY_PATH | _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
     tree = _checked(
         _libc.syscall(_SYS_OPEN_TREE, fd, b"", flags | (_AT_RECURSIVE if recursive else 0)),
         "open_tree",
     )
-    if read_only:
-        attr = ctypes.create_string_buffer(struct.pack("QQQQ", _MOUNT_ATTR_RDONLY, 0, 0, 0))
-        try:
-            _checked(
-                _libc.syscall(
-                    _SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, attr, 32
-                ),
-                "mount_setattr",
-            )
-        except BaseException:
-            os.close(tree)
-            raise
+    wanted = _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if read_only else 0)
+    attr = ctypes.create_string_buffer(struct.pack("QQQQ", wanted, 0, 0, 0))
+    try:
+        _checked(
+            _libc.syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, attr, 32),
+            "mount_setattr",
+        )
+    except BaseException:
+        os.close(tree)
+        raise
     return tree
 
 
@@ -108,6 +111,10 @@ class Slots:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        # One lock per slot: a release (a stop) never runs beside a fill of the same slot.
+        self._locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(
+            threading.Lock
+        )
 
     def path(self, session_id: str) -> Path:
         return self.directory / session_id
@@ -125,6 +132,10 @@ class Slots:
     def fill(self, session_id: str, workspace: Workspace) -> None:
         """Mount `workspace` on the session's slot, then each pinned path over itself,
         read-only where it should be (StartFailed if a path is not what was pinned)."""
+        with self._locks[session_id]:
+            self._fill(session_id, workspace)
+
+    def _fill(self, session_id: str, workspace: Workspace) -> None:
         slot = self.path(session_id)
         top = os.open(slot, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -132,7 +143,13 @@ class Slots:
         finally:
             os.close(top)
         for pin in workspace.pinned:  # parents first: each lands on what the last attached
-            target = _open_under(slot, pin.relative)
+            try:
+                target = _open_under(slot, pin.relative)
+            except OSError:
+                raise StartFailed(
+                    f"{pin.relative} in the workspace was removed or replaced while the session "
+                    "started; start it again."
+                ) from None
             try:
                 found = os.fstat(target)
                 if (found.st_dev, found.st_ino) != (pin.device, pin.inode):
@@ -146,6 +163,11 @@ class Slots:
 
     def release(self, session_id: str) -> None:
         """Unmount everything on the slot and remove its (empty) directory. Idempotent."""
+        with self._locks[session_id]:
+            self._release(session_id)
+        self._locks.pop(session_id, None)
+
+    def _release(self, session_id: str) -> None:
         slot = self.path(session_id)
         # Each unmount lifts the top mount (with all under it): the workspace, then the
         # slot's own bind. A directory that is not a mount point ends the loop.

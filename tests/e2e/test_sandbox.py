@@ -71,3 +71,31 @@ def test_a_crashed_agent_is_noticed(service: Service, workspace: Path) -> None:
     assert "status" in failed.error
     assert "last log lines" in failed.error
     assert service.leftovers() == []
+
+
+def test_opencode_finds_its_configuration_in_place_and_installs_nothing(
+    service: Service, workspace: Path
+) -> None:
+    """OpenCode installs its plugin SDK into its configuration directory whenever it loads a
+    project: in a fresh sandbox, a download and some 95 MB of the in-memory /tmp at every
+    start. Each sandbox gets it ready-made and read-only instead, the rest of ~/.config
+    writable."""
+    for path in [workspace, *workspace.rglob("*")]:
+        os.chown(path, 4321, 4321)
+    session = running(service, workspace)
+    # The project is loaded (codestation asks the agent what it is doing every 3 s); give any
+    # install it would start time to run.
+    time.sleep(10)
+    code, printed = run_in_session(
+        session,
+        "grep -h '\"name\"' ~/.config/opencode/node_modules/@opencode-ai/plugin/package.json; "
+        "echo tmp-kib=$(du -skx /tmp | cut -f1); "
+        "touch ~/.config/opencode/changed && echo config-written; "
+        "mkdir -p ~/.config/other && touch ~/.config/other/x && echo other-written",
+    )
+    assert code == 0, printed
+    assert '"name": "@opencode-ai/plugin"' in printed, printed
+    used_kib = int(printed.split("tmp-kib=")[1].split()[0])
+    assert used_kib < 16 * 1024, f"the sandbox's /tmp holds {used_kib} KiB: {printed}"
+    assert "config-written" not in printed, printed
+    assert "other-written" in printed, printed

@@ -22,10 +22,10 @@ import asyncio
 import base64
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from urllib.parse import parse_qs, quote, unquote
 
-import httpx
+import httpcore
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -55,6 +55,10 @@ from codestation.errors import CodestationError, NotRunning, SessionNotFound
 from codestation.manager import SessionManager
 from codestation.sessions import Session, Status
 
+# Connecting and sending are bounded; an answer may take as long as a turn or an event stream.
+_TIMEOUTS = {"connect": 30.0, "write": 30.0, "read": None, "pool": 30.0}
+_UPSTREAM_ERRORS = (OSError, httpcore.NetworkError, httpcore.TimeoutException,
+                    httpcore.ProtocolError)  # fmt: skip
 # Hop-by-hop headers, and those the proxy sets itself.
 _DROP = {
     "host", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -78,11 +82,12 @@ class SessionProxy:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         # No shared pool limit: one session's streams must never make another's wait. Each
-        # session's share is bounded by `proxy_max_requests` instead.
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(30, read=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-        )
+        # session's share is bounded by `proxy_max_requests` instead. httpcore, not httpx's
+        # client over it: a proxy needs none of the client's cookie jar, redirects or auth
+        # (a shared cookie jar would even carry one session's cookies to another), and each
+        # of those layers costs time on every request.
+        self._http = httpcore.AsyncConnectionPool(max_connections=None,
+                                                  max_keepalive_connections=32)  # fmt: skip
         self._in_flight: collections.Counter[str] = collections.Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -148,42 +153,50 @@ class SessionProxy:
         session: Session,
         upstream: tuple[str, int],
     ) -> None:
-        headers = _upstream_headers(scope, session)
+        headers = [("host", f"{upstream[0]}:{upstream[1]}"), *_upstream_headers(scope, session)]
         body_sent = asyncio.Event()
-        url = httpx.URL(
-            scheme="http",
-            host=upstream[0].strip("[]"),
-            port=upstream[1],
-            raw_path=scope["raw_path"]
-            + (b"?" + scope["query_string"] if scope.get("query_string") else b""),
+        target = scope["raw_path"] + (
+            b"?" + scope["query_string"] if scope.get("query_string") else b""
         )
+        url = httpcore.URL(scheme=b"http", host=upstream[0].strip("[]").encode(),
+                           port=upstream[1], target=target)  # fmt: skip
         sent = Headers(scope=scope)
-        if "content-length" in sent or "transfer-encoding" in sent:
-            content: AsyncIterator[bytes] | None = _body(receive, body_sent)
+        content: AsyncIterator[bytes] | bytes = b""
+        if "content-length" in sent:
+            headers.append(("content-length", sent["content-length"]))
+            content = _body(receive, body_sent)
+        elif "transfer-encoding" in sent:
+            headers.append(("transfer-encoding", "chunked"))
+            content = _body(receive, body_sent)
         else:  # no body: sent as none, not as an empty chunked one OpenCode would wait on
-            content = None
             body_sent.set()
-        request = self._http.build_request(scope["method"], url, headers=headers, content=content)
+        request = httpcore.Request(
+            scope["method"],
+            url,
+            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            content=content,
+            extensions={"timeout": _TIMEOUTS},
+        )
         try:
-            response = await self._http.send(request, stream=True)
+            response = await self._http.handle_async_request(request)
         except OSError:
             return  # the client left mid-upload: no one to answer
-        except httpx.HTTPError as exc:
-            await _plain(send, 502, f"OpenCode of session {session.id} did not answer: {exc}")
+        except _UPSTREAM_ERRORS as exc:
+            await _plain(send, 502, f"OpenCode of session {session.id} did not answer: {exc!r}")
             return
+        stream = response.stream
+        assert isinstance(stream, AsyncIterable)
 
         async def relay() -> None:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [
-                        (k, v) for k, v in response.headers.raw if _passes_down(k.decode())
-                    ],
+                    "status": response.status,
+                    "headers": [(k, v) for k, v in response.headers if _passes_down(k.decode())],
                 }
             )
             # Raw bytes, as they come: server-sent events must not wait in a buffer.
-            async for chunk in response.aiter_raw():
+            async for chunk in stream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
 
@@ -203,8 +216,8 @@ class SessionProxy:
             results = await asyncio.gather(*tasks, return_exceptions=True)
             await response.aclose()
         for result in results:
-            if isinstance(result, Exception) and not isinstance(result, (OSError, httpx.HTTPError)):
-                raise result  # OSError, HTTPError: one side went away mid-stream
+            if isinstance(result, Exception) and not isinstance(result, _UPSTREAM_ERRORS):
+                raise result  # one side went away mid-stream
 
     async def _websocket(
         self,
@@ -223,7 +236,10 @@ class SessionProxy:
         try:
             opencode = await connect(
                 f"ws://{upstream[0]}:{upstream[1]}{path}",
-                additional_headers={"Authorization": _basic(session)},
+                additional_headers={
+                    "Authorization": _basic(session),
+                    **({} if _names_project(scope) else DIRECTORY),
+                },
                 max_size=None,
             )
         except (OSError, InvalidStatus) as exc:
@@ -286,10 +302,15 @@ def _upstream_headers(scope: Scope, session: Session) -> list[tuple[str, str]]:
         headers.append(("cookie", "; ".join(theirs)))
     # A request that names no project is about the workspace: OpenCode's own default is its
     # working directory, which is not /workspace in a sandbox started ahead (the warm pool).
-    named = any(k.lower() == "x-opencode-directory" for k, _ in headers)
-    if not named and b"directory=" not in scope.get("query_string", b""):
+    if not _names_project(scope):
         headers.extend(DIRECTORY.items())
     return [*headers, ("authorization", _basic(session))]
+
+
+def _names_project(scope: Scope) -> bool:
+    """Whether a request says which project it is about (else it is about the workspace)."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return "directory" in query or "x-opencode-directory" in Headers(scope=scope)
 
 
 def _passes_down(name: str) -> bool:

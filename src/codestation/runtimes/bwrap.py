@@ -199,6 +199,7 @@ class BwrapRuntime(Runtime):
             )
         report("installing OpenCode")
         await asyncio.to_thread(agent.opencode_binary, self.settings)
+        await asyncio.to_thread(agent.opencode_config, self.settings)
 
     def _workspace_args(self, spec: LaunchSpec) -> list[str]:
         if spec.workspace is None:  # ahead of need: the slot (bwrap's mounts are the host's slaves)
@@ -212,7 +213,7 @@ class BwrapRuntime(Runtime):
             )),
         ]  # fmt: skip
 
-    def _argv(self, spec: LaunchSpec, binary: Path, status_fd: int) -> list[str]:
+    def _argv(self, spec: LaunchSpec, binary: Path, config: Path, status_fd: int) -> list[str]:
         argv = [self._bwrap(), "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
         for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
             host = Path("/") / top
@@ -231,6 +232,10 @@ class BwrapRuntime(Runtime):
             "--perms", "1777",
             *(["--size", str(size_bytes(spec.limits.tmp))] if spec.limits.tmp else []),
             "--tmpfs", "/tmp",
+            # OpenCode's global configuration, shared read-only (see `agent.opencode_config`);
+            # the rest of ~/.config the agent's tools may write.
+            "--perms", "1777", "--dir", "/tmp/.config",
+            "--ro-bind", str(config), agent.CONFIG_INSIDE,
             # Not /workspace in a slot's sandbox: the workspace covers it later, and a process
             # keeps the directory it started in.
             "--chdir", "/workspace" if spec.workspace is not None else "/tmp",
@@ -262,9 +267,10 @@ class BwrapRuntime(Runtime):
 
     async def start(self, spec: LaunchSpec) -> State:
         binary = await asyncio.to_thread(agent.opencode_binary, self.settings)
-        return await asyncio.to_thread(self._start, spec, binary)
+        config = await asyncio.to_thread(agent.opencode_config, self.settings)
+        return await asyncio.to_thread(self._start, spec, binary, config)
 
-    def _start(self, spec: LaunchSpec, binary: Path) -> State:
+    def _start(self, spec: LaunchSpec, binary: Path, config: Path) -> State:
         for d in (self.run_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self.log_dir / f"{spec.session_id}.log"
@@ -282,7 +288,7 @@ class BwrapRuntime(Runtime):
         held = (spec.workspace.fd, *(p.fd for p in spec.workspace.pinned)) if spec.workspace else ()
         made = self._cgroups.create(spec.session_id, spec.limits) if self._cgroups else []
         with log_path.open("ab") as log, status_path.open("wb") as status:
-            argv = self._argv(spec, binary, status.fileno())
+            argv = self._argv(spec, binary, config, status.fileno())
             try:
                 child = subprocess.Popen(
                     cgroups.enter_command(made, argv) if made else argv,

@@ -107,6 +107,7 @@ class DockerRuntime(Runtime):
         return profile.image or image_tag(self.settings)
 
     async def prepare(self, profile: EnvironmentProfile, report: Report) -> None:
+        await asyncio.to_thread(agent.opencode_config, self.settings)
         image = profile.image
         if image is None:
             await self._call(lambda: ensure_image(self.client, self.settings, report))
@@ -202,6 +203,9 @@ class DockerRuntime(Runtime):
                     for pin in workspace.pinned
                 ),
             ]
+        # OpenCode's global configuration, shared read-only (see `agent.opencode_config`).
+        config = agent.opencode_config(self.settings)
+        mounts.append(Mount(agent.CONFIG_INSIDE, str(config), type="bind", read_only=True))
         try:
             container: Container = self.client.containers.run(
                 self.image_for(spec.profile),
@@ -369,8 +373,10 @@ def _limits(limits: Limits) -> dict[str, Any]:
         args["nano_cpus"] = int(limits.cpus * 1e9)
     if limits.pids is not None:
         args["pids_limit"] = limits.pids
+    tmpfs = {"/tmp/.config": "rw,nosuid,nodev,mode=1777,size=16m"}  # writable around OpenCode's
     if limits.tmp is not None:  # else /tmp is the container's own layer: disk, unbounded
-        args["tmpfs"] = {"/tmp": f"rw,exec,nosuid,nodev,mode=1777,size={limits.tmp}"}
+        tmpfs["/tmp"] = f"rw,exec,nosuid,nodev,mode=1777,size={limits.tmp}"
+    args["tmpfs"] = tmpfs
     return args
 
 

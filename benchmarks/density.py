@@ -1,0 +1,101 @@
+"""Density: how much memory an idle session takes, in each runtime, and how many fit here.
+
+Starts N idle sessions in one runtime, then the other (each on a workspace of its own, one at a
+time), lets them settle, and reads the host's available memory (MemAvailable) and the
+service's own resident memory before and after. Per idle session: the drop in available
+memory over N (everything a session costs the host: OpenCode, its sandbox, the engine's share);
+per tracked session: the growth of the service's RSS over N. Then: how many idle sessions this
+host's memory would hold (MemTotal less codestation's default `memory_reserve`, 2 GiB, over the
+cost of one), the goal being 100 or more.
+
+    .venv/bin/python benchmarks/density.py [--sessions 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from codestation.client import Client
+from cold_start import free_port, serve
+
+RESERVE = 2 << 30  # codestation's default memory_reserve
+
+
+def meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def settled(seconds: float = 15) -> int:
+    """Available memory once idle sessions stop growing (their start-up garbage collected)."""
+    time.sleep(seconds)
+    return meminfo("MemAvailable")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="Also write the figures here, as JSON.")
+    args = parser.parse_args()
+
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="density-") as tmp:
+        port = free_port()
+        service = serve(Path(tmp, "data"), port)
+        try:
+            token = Path(tmp, "config", "token").read_text().strip()
+            with Client(f"http://127.0.0.1:{port}", token=token, timeout=120) as client:
+                for environment, runtime in (("default", "docker"), ("bwrap", "bwrap")):
+                    # One first, so images, binaries and caches are in place before measuring.
+                    warm = Path(tmp, f"warm-{runtime}")
+                    warm.mkdir()
+                    client.delete(client.start(str(warm), environment).id)
+                    before, service_before = settled(5), rss(service.pid)
+                    ids = []
+                    for i in range(args.sessions):
+                        workspace = Path(tmp, f"{runtime}-{i}")
+                        workspace.mkdir()
+                        (workspace / "README.md").write_text("# idle\n")
+                        session = client.start(str(workspace), environment)
+                        if session.status != "running":
+                            raise RuntimeError(f"a session did not start: {session.error}")
+                        ids.append(session.id)
+                    after, service_after = settled(), rss(service.pid)
+                    per_session = (before - after) / args.sessions
+                    per_tracked = (service_after - service_before) / args.sessions
+                    fit = int((meminfo("MemTotal") - RESERVE) / per_session)
+                    print(f"{runtime}: {args.sessions} idle sessions; each takes "
+                          f"{per_session / 2**20:.0f} MiB of the host's memory, "
+                          f"{per_tracked / 2**10:.0f} KiB of the service's; "
+                          f"about {fit} would fit here", flush=True)  # fmt: skip
+                    figures[f"idle session {runtime} MiB"] = round(per_session / 2**20)
+                    figures[f"idle sessions that fit, {runtime}"] = fit
+                    figures[f"service memory per session, {runtime} KiB"] = round(
+                        per_tracked / 1024
+                    )
+                    for session_id in ids:
+                        client.delete(session_id)
+        finally:
+            service.terminate()
+            service.wait(timeout=60)
+    total = meminfo("MemTotal") / 2**30
+    print(f"\nhost memory {total:.1f} GiB, less a 2 GiB reserve; goal: 100 idle sessions or more")
+    if args.json:
+        args.json.write_text(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
