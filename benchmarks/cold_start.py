@@ -99,6 +99,7 @@ def serve(
     port: int,
     runtime: str = "docker",
     environments: dict[str, Any] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """The service, on its own data; its first start writes the admin token to `token`."""
     env = {
@@ -108,6 +109,7 @@ def serve(
         "CODESTATION_PORT": str(port),
         "CODESTATION_RUNTIME": runtime,
         "CODESTATION_ENVIRONMENTS": json.dumps(environments or {"bwrap": {"runtime": "bwrap"}}),
+        **(extra_env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "codestation.cli", "serve"],

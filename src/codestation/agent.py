@@ -101,6 +101,8 @@ def agent_env(
     """The environment OpenCode runs with. The profile cannot override the credentials.
     Secrets are unwrapped here, where they leave for the sandbox, and nowhere else."""
     env = {**OFFLINE_ENV, **profile.env}
+    if profile.catalog == "configured":  # the models `provider` lists, and no others
+        env["OPENCODE_MODELS_PATH"] = f"{CONFIG_INSIDE}/{NO_CATALOG}"
     config = profile.agent_config()
     if config:
         env["OPENCODE_CONFIG_CONTENT"] = json.dumps(config)
@@ -239,6 +241,18 @@ async def wait_ready(
         await asyncio.sleep(PROBE_INTERVAL)
 
 
+async def warm_up(client: httpx.AsyncClient, url: str, password: SecretStr) -> None:
+    """Have a fresh OpenCode open a scratch project once, then drop it: the first project an
+    OpenCode process opens costs some 0.3 s more than any later one (code it loads once), which
+    a sandbox started ahead should pay before a start takes it, not after."""
+    scratch = {"x-opencode-directory": "/tmp"}
+    try:
+        await ask(client, "GET", f"{url}/file?path=.", password, seconds=30, headers=scratch)
+        await ask(client, "POST", f"{url}/instance/dispose", password, seconds=30, headers=scratch)
+    except (httpx.HTTPError, BadAnswer):
+        pass  # a warm-up only: the start that takes it pays the cost instead
+
+
 async def is_busy(client: httpx.AsyncClient, url: str, password: SecretStr) -> bool | None:
     """Whether a session of the agent's OpenCode is working a turn now; None if it won't say."""
     try:
@@ -314,6 +328,8 @@ def opencode_binary(settings: Settings) -> Path:
 
 # OpenCode's global configuration directory, as every sandbox sees it (HOME is /tmp there).
 CONFIG_INSIDE = "/tmp/.config/opencode"
+NO_CATALOG = "codestation-no-catalog.json"  # an empty models.dev catalog, there
+_CONFIG_LAYOUT = 2
 _PLUGIN = "@opencode-ai/plugin"
 
 
@@ -328,12 +344,15 @@ def opencode_config(settings: Settings) -> Path:
     shared, there is nothing to download or write, and no session can change what another's
     OpenCode loads."""
     version = settings.opencode_version
-    target = settings.cache_dir / "opencode" / version / "config"
+    # Named by its layout: running sessions keep the one they mounted, whatever comes after.
+    target = settings.cache_dir / "opencode" / version / f"config-{_CONFIG_LAYOUT}"
     with _install_lock:
-        if (target / "opencode" / "node_modules" / _PLUGIN / "package.json").is_file() and (
-            target / "opencode" / ".gitignore"
-        ).is_file():
-            return target / "opencode"
+        made = target / "opencode"
+        if all(
+            (made / name).is_file()
+            for name in (f"node_modules/{_PLUGIN}/package.json", ".gitignore", NO_CATALOG)
+        ):
+            return made
         npm = _npm("install OpenCode's plugin SDK")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".config-"))
@@ -350,6 +369,7 @@ def opencode_config(settings: Settings) -> Path:
             (made / ".gitignore").write_text(
                 "node_modules\npackage.json\npackage-lock.json\nbun.lock\n.gitignore"
             )
+            (made / NO_CATALOG).write_text("{}\n")
             result = subprocess.run(
                 [npm, "install", "--prefix", str(made), "--no-audit", "--no-fund",
                  "--ignore-scripts"],
@@ -363,7 +383,6 @@ def opencode_config(settings: Settings) -> Path:
             for path in [tmp, *tmp.rglob("*")]:  # every sandbox's user may read it
                 if not path.is_symlink():
                     path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
-            shutil.rmtree(target, ignore_errors=True)  # a half-made one from before
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

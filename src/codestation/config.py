@@ -130,6 +130,14 @@ class EnvironmentProfile(BaseModel):
     model: str | None = Field(
         default=None, description="The default model, as OpenCode names it: `provider/model`."
     )
+    catalog: Literal["builtin", "configured"] = Field(
+        default="builtin",
+        description="The models OpenCode knows: builtin, every provider and model of its "
+        "built-in models.dev catalog (what logging in to a provider in its UI needs); "
+        "configured, only those `provider` lists (each with its `npm` package and `models`). "
+        "OpenCode rebuilds its whole catalog each time it opens a project, some 0.4 s of CPU, "
+        "which configured saves: starts from the pool are that much faster.",
+    )
     secrets: dict[str, SecretRef] = Field(
         default_factory=dict,
         description="Environment variables for the agent whose values are read, when a session "
@@ -178,6 +186,8 @@ class EnvironmentProfile(BaseModel):
                 )
             if name in self.env:
                 raise ValueError(f"{name} is both in env and in secrets; keep it in secrets")
+        if self.catalog == "configured":
+            self._check_configured_catalog()
         for path, value in _leaves(self.agent_config().get("provider", {})):
             literal = isinstance(value, str) and not _REFERENCE.fullmatch(value.strip())
             if literal and value.strip() and _SECRET_KEY.search(path.rsplit(".", 1)[-1]):
@@ -186,6 +196,26 @@ class EnvironmentProfile(BaseModel):
                     '"{env:API_KEY}" there and API_KEY = { env = "..." } under secrets'
                 )
         return self
+
+    def _check_configured_catalog(self) -> None:
+        providers = self.agent_config().get("provider", {})
+        if not providers:
+            raise ValueError(
+                'catalog = "configured" needs the providers and their models under provider'
+            )
+        for name, block in providers.items():
+            if not isinstance(block, dict) or not block.get("npm") or not block.get("models"):
+                raise ValueError(
+                    f'catalog = "configured": provider {name} must give its npm package and '
+                    "models, since OpenCode then knows no others"
+                )
+        wanted = self.agent_config().get("model")
+        if isinstance(wanted, str):
+            provider, _, model = wanted.partition("/")
+            if model not in (providers.get(provider) or {}).get("models", {}):
+                raise ValueError(
+                    f'catalog = "configured": model {wanted} is not among the models provider lists'
+                )
 
     def agent_config(self) -> dict[str, Any]:
         """OpenCode's configuration for this environment: `opencode_config`, then the

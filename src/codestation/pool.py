@@ -243,6 +243,7 @@ class Pool:
                 return exit_.reason if exit_ else None
 
             await agent.wait_ready(self._http, url, password, self.settings.start_timeout, ended)
+            await agent.warm_up(self._http, url, password)
         except Exception as exc:
             self._filling.pop(member.id, None)
             await self._stop(member)

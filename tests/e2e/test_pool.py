@@ -188,13 +188,17 @@ def test_pinned_git_paths_stay_read_only_in_a_member(
 def test_a_prompt_to_a_pooled_session_edits_its_workspace(
     start_service: ServiceFactory, tmp_path: Path, model: Model
 ) -> None:
+    # Only the scripted model: OpenCode then skips its built-in catalog at each project load.
+    profile = {**model.environment(), "pool": 1, "catalog": "configured"}
     service = start_service(
-        environments=json.dumps({"agent": {**model.environment(), "pool": 1}}),
-        env={model.env_var: model.key},
+        environments=json.dumps({"agent": profile}), env={model.env_var: model.key}
     )
     service.client.start(str(project(tmp_path, "first")), "agent")
     workspace = project(tmp_path, "work")
     session = claim(service, workspace, "agent")
+    with service.http() as http:
+        known = http.get(f"/api/v1/code/session/{session.id}/opencode/provider").json()
+    assert [p["id"] for p in known["all"]] == ["scripted"]
     with service.client.wait(session.id) as running:
         reply = running.prompt("please write hello.txt: Hello from the agent")
         assert reply.error is None, reply

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from codestation.agent import agent_env, secret_values
+from codestation.agent import CONFIG_INSIDE, agent_env, secret_values
 from codestation.config import EnvironmentProfile, Settings, masked
 from codestation.errors import SecretMissing
 from codestation.image import image_tag
@@ -184,3 +184,34 @@ def test_a_missing_secret_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_secrets_are_by_reference_only(profile: dict[str, object], said: str) -> None:
     with pytest.raises(ValidationError, match=said):
         EnvironmentProfile.model_validate(profile)
+
+
+SCRIPTED = {
+    "npm": "@ai-sdk/openai-compatible",
+    "options": {"baseURL": "http://model.example/v1"},
+    "models": {"m": {"name": "M"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("profile", "says"),
+    [
+        ({}, "needs the providers"),
+        ({"provider": {"p": {"models": {"m": {}}}}}, "npm package and models"),
+        ({"provider": {"p": {"npm": "@ai-sdk/openai-compatible"}}}, "npm package and models"),
+        ({"provider": {"p": SCRIPTED}, "model": "p/other"}, "not among the models"),
+        ({"provider": {"p": SCRIPTED}, "model": "openai/gpt-5"}, "not among the models"),
+    ],
+)
+def test_a_configured_catalog_must_list_every_model_it_uses(
+    profile: dict[str, object], says: str
+) -> None:
+    with pytest.raises(ValidationError, match=says):
+        EnvironmentProfile(catalog="configured", **profile)
+
+
+def test_a_configured_catalog_reaches_opencode_as_an_empty_builtin_one() -> None:
+    profile = EnvironmentProfile(catalog="configured", provider={"p": SCRIPTED}, model="p/m")
+    env = agent_env(SecretStr("pw"), profile, {})
+    assert env["OPENCODE_MODELS_PATH"].startswith(CONFIG_INSIDE + "/")
+    assert "OPENCODE_MODELS_PATH" not in agent_env(SecretStr("pw"), EnvironmentProfile(), {})
