@@ -20,6 +20,7 @@ def test_a_start_past_the_memory_budget_is_refused(
     capacity = service.client.health()["capacity"]
     assert capacity == {
         "sessions": 1, "max_sessions": 100, "memory_reserved": 4 << 30, "memory_budget": 5 << 30,
+        "pool_ready": {},
     }  # fmt: skip
     with service.http() as http:
         refused = http.post("/api/v1/code/start", json={"workspace": str(workspace)})
