@@ -17,14 +17,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from codestation.client import Client
-from cold_start import free_port, serve
+from cold_start import free_port, p95, project, served
 
 BARE_APP = """
 import json, sys
@@ -59,55 +57,40 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the figures here, as JSON.")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="api-") as tmp:
-        workspace = Path(tmp, "project")
-        workspace.mkdir()
-        port = free_port()
-        service = serve(Path(tmp, "data"), port, runtime="bwrap")
-        bare = None
+    with served("api-", runtime="bwrap") as service, service.client() as client:
+        session = client.start(str(project(service.tmp)))
+        path = f"/api/v1/code/session/{session.id}"
+        with httpx.Client(base_url=service.url, headers=service.bearer) as http:
+            answer = http.get(path).json()
+        bare_port = free_port()
+        script = service.tmp / "bare_app.py"
+        script.write_text(BARE_APP)
+        # The answer goes to the app as its first argument.
+        bare = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys, uvicorn; sys.path.insert(0, sys.argv[3]); "
+             "import bare_app; uvicorn.run(bare_app.app, port=int(sys.argv[2]), "
+             "log_level='warning')",
+             json.dumps(answer), str(bare_port), str(service.tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
         try:
-            token = Path(tmp, "config", "token").read_text().strip()
-            url = f"http://127.0.0.1:{port}"
-            with Client(url, token=token) as client:
-                session = client.start(str(workspace))
-                bearer = {"Authorization": f"Bearer {token}"}
-                path = f"/api/v1/code/session/{session.id}"
-                with httpx.Client(base_url=url, headers=bearer) as http:
-                    answer = http.get(path).json()
-                bare_port = free_port()
-                script = Path(tmp, "bare_app.py")
-                script.write_text(BARE_APP)
-                # The answer goes to the app as its first argument.
-                bare = subprocess.Popen(
-                    [sys.executable, "-c",
-                     "import sys, uvicorn; sys.path.insert(0, sys.argv[3]); "
-                     "import bare_app; uvicorn.run(bare_app.app, port=int(sys.argv[2]), "
-                     "log_level='warning')",
-                     json.dumps(answer), str(bare_port), tmp],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-                wait_listening(bare_port)
-                ours, floor = [], []
-                with (
-                    httpx.Client(base_url=url, headers=bearer) as http,
-                    httpx.Client(base_url=f"http://127.0.0.1:{bare_port}") as plain,
-                ):
-                    for _ in range(20):  # warm-up
-                        timed(http, path)
-                        timed(plain, "/session")
-                    for _ in range(args.requests):
-                        ours.append(timed(http, path))
-                        floor.append(timed(plain, "/session"))
-                client.delete(session.id)
+            wait_listening(bare_port)
+            ours, floor = [], []
+            with (
+                httpx.Client(base_url=service.url, headers=service.bearer) as http,
+                httpx.Client(base_url=f"http://127.0.0.1:{bare_port}") as plain,
+            ):
+                for _ in range(20):  # warm-up
+                    timed(http, path)
+                    timed(plain, "/session")
+                for _ in range(args.requests):
+                    ours.append(timed(http, path))
+                    floor.append(timed(plain, "/session"))
         finally:
-            if bare is not None:
-                bare.terminate()
-                bare.wait(timeout=30)
-            service.terminate()
-            service.wait(timeout=60)
-
-    def p95(values: list[float]) -> float:
-        return statistics.quantiles(values, n=20, method="inclusive")[-1]
+            bare.terminate()
+            bare.wait(timeout=30)
+        client.delete(session.id)
 
     a, b = statistics.median(ours) * 1000, statistics.median(floor) * 1000
     print(

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from codestation import Client, changes
-from cold_start import free_port, serve
+from codestation import changes
+from cold_start import project, served
 
 WORDS = ["def", "return", "self", "value", "index", "items", "result", "config", "path"]
 
@@ -113,44 +113,33 @@ def main() -> None:
         print(f"  report: {mr:.3f} s  ({entries / mr:,.0f} files/s), 20 files modified")
         print(f"  ratio report/take: {mr / mt:.2f}   snapshot on disk: {stored / 1e6:.1f} MB")
         figures = {"changes take s": round(mt, 3), "changes report s": round(mr, 3)}
-        figures |= through_the_service(Path(tmp), root, texts[20 * (args.runs + 1) :], args)
+        figures |= through_the_service(root, texts[20 * (args.runs + 1) :], args)
     if args.json:
         args.json.write_text(json.dumps(figures))
 
 
-def through_the_service(
-    tmp: Path, big: Path, texts: list[Path], args: argparse.Namespace
-) -> dict[str, float]:
-    small = tmp / "small"
-    small.mkdir()
-    (small / "README.md").write_text("# one file\n")
-    port = free_port()
-    service = serve(tmp / "data", port, args.runtime)
-    try:
-        token = (tmp / "config" / "token").read_text().strip()
-        with Client(f"http://127.0.0.1:{port}", token=token) as client:
-            client.start(str(small), wait=True).stop()  # warm-up
-            on_big, on_small, reports = [], [], []
-            for i in range(args.runs):
-                begin = time.monotonic()
-                session = client.start(str(big), wait=True)
-                on_big.append(time.monotonic() - begin)
-                for path in texts[20 * i : 20 * (i + 1)]:
-                    edit(path)
-                begin = time.monotonic()
-                found = session.changes()
-                reports.append(time.monotonic() - begin)
-                if found.modified != 20:
-                    raise RuntimeError(f"unexpected report: {found.modified} modified")
-                session.stop()
-                begin = time.monotonic()
-                client.start(str(small), wait=True).stop()
-                on_small.append(time.monotonic() - begin)
-                said = f"big {on_big[-1]:.2f} s, one file {on_small[-1]:.2f} s"
-                print(f"run {i + 1}: start {said}; changes {reports[-1]:.3f} s", flush=True)
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
+def through_the_service(big: Path, texts: list[Path], args: argparse.Namespace) -> dict[str, float]:
+    with served("changes-service-", args.runtime) as service, service.client() as client:
+        small = project(service.tmp, "small")
+        client.start(str(small), wait=True).stop()  # warm-up
+        on_big, on_small, reports = [], [], []
+        for i in range(args.runs):
+            begin = time.monotonic()
+            session = client.start(str(big), wait=True)
+            on_big.append(time.monotonic() - begin)
+            for path in texts[20 * i : 20 * (i + 1)]:
+                edit(path)
+            begin = time.monotonic()
+            found = session.changes()
+            reports.append(time.monotonic() - begin)
+            if found.modified != 20:
+                raise RuntimeError(f"unexpected report: {found.modified} modified")
+            session.stop()
+            begin = time.monotonic()
+            client.start(str(small), wait=True).stop()
+            on_small.append(time.monotonic() - begin)
+            said = f"big {on_big[-1]:.2f} s, one file {on_small[-1]:.2f} s"
+            print(f"run {i + 1}: start {said}; changes {reports[-1]:.3f} s", flush=True)
     big_start, small_start = statistics.median(on_big), statistics.median(on_small)
     print(f"\nthrough the service ({args.runtime}), median over {args.runs} runs")
     print(f"  (a) start -> running, 10,000-file workspace: {big_start:.2f} s")

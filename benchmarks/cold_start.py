@@ -23,6 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +131,60 @@ def serve(
     raise RuntimeError("codestation did not start")
 
 
+@dataclass
+class Served:
+    """A running service of a benchmark's own: its scratch directory, address and admin token."""
+
+    tmp: Path
+    port: int
+    token: str
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def bearer(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self, timeout: float = 120) -> Client:
+        return Client(self.url, token=self.token, timeout=timeout)
+
+
+@contextmanager
+def served(
+    prefix: str,
+    runtime: str = "docker",
+    environments: dict[str, Any] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Served]:
+    """The service in a scratch directory of its own, stopped (and the directory gone) after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        port = free_port()
+        process = serve(Path(tmp, "data"), port, runtime, environments, extra_env)
+        try:
+            token = Path(tmp, "config", "token").read_text().strip()
+            yield Served(Path(tmp), port, token, process)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+def project(parent: Path, name: str = "project") -> Path:
+    """A small workspace to start sessions on."""
+    workspace = parent / name
+    workspace.mkdir()
+    (workspace / "README.md").write_text("# benchmark\n")
+    return workspace
+
+
+def p95(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=20, method="inclusive")[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=7)
@@ -135,33 +192,22 @@ def main() -> None:
     args = parser.parse_args()
 
     binary = opencode_binary(Settings())
-    with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
-        workspace = Path(tmp, "project")
-        workspace.mkdir()
-        (workspace / "README.md").write_text("# benchmark\n")
-        port = free_port()
-        service = serve(Path(tmp, "data"), port)
-        try:
-            token = Path(tmp, "config", "token").read_text().strip()
-            with Client(f"http://127.0.0.1:{port}", token=token) as client:
-                # Warm-up: the image and the binary in place, caches hot.
-                codestation_start(client, workspace, "default")
-                codestation_start(client, workspace, "bwrap")
-                bare_start(binary, workspace)
-                a, b, c = [], [], []
-                phases: dict[str, list[dict[str, float]]] = {"docker": [], "bwrap": []}
-                for i in range(args.runs):
-                    a.append(codestation_start(client, workspace, "default", phases["docker"]))
-                    b.append(codestation_start(client, workspace, "bwrap", phases["bwrap"]))
-                    c.append(bare_start(binary, workspace))
-                    print(
-                        f"run {i + 1}: docker {a[-1]:.2f} s, bwrap {b[-1]:.2f} s, "
-                        f"bare {c[-1]:.2f} s",
-                        flush=True,
-                    )
-        finally:
-            service.terminate()
-            service.wait(timeout=30)
+    with served("cold-start-") as service, service.client() as client:
+        workspace = project(service.tmp)
+        # Warm-up: the image and the binary in place, caches hot.
+        codestation_start(client, workspace, "default")
+        codestation_start(client, workspace, "bwrap")
+        bare_start(binary, workspace)
+        a, b, c = [], [], []
+        phases: dict[str, list[dict[str, float]]] = {"docker": [], "bwrap": []}
+        for i in range(args.runs):
+            a.append(codestation_start(client, workspace, "default", phases["docker"]))
+            b.append(codestation_start(client, workspace, "bwrap", phases["bwrap"]))
+            c.append(bare_start(binary, workspace))
+            print(
+                f"run {i + 1}: docker {a[-1]:.2f} s, bwrap {b[-1]:.2f} s, bare {c[-1]:.2f} s",
+                flush=True,
+            )
     ma, mb, mc = statistics.median(a), statistics.median(b), statistics.median(c)
     print(f"\nmedian over {args.runs} runs")
     print(f"  (a) codestation start -> healthy, docker: {ma:.2f} s")

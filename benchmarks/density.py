@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
-from codestation.client import Client
-from cold_start import free_port, serve
+from cold_start import served
 
 RESERVE = 2 << 30  # codestation's default memory_reserve
 
@@ -52,47 +50,38 @@ def main() -> None:
     args = parser.parse_args()
 
     figures: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="density-") as tmp:
-        port = free_port()
-        # Idle sessions use far less than their limits reserve (4 GiB each by default): the
-        # budget is lifted, to see what the host itself holds.
-        service = serve(Path(tmp, "data"), port, extra_env={"CODESTATION_MEMORY_BUDGET": "1024g"})
-        try:
-            token = Path(tmp, "config", "token").read_text().strip()
-            with Client(f"http://127.0.0.1:{port}", token=token, timeout=120) as client:
-                for environment, runtime in (("default", "docker"), ("bwrap", "bwrap")):
-                    # One first, so images, binaries and caches are in place before measuring.
-                    warm = Path(tmp, f"warm-{runtime}")
-                    warm.mkdir()
-                    client.delete(client.start(str(warm), environment).id)
-                    before, service_before = settled(5), rss(service.pid)
-                    ids = []
-                    for i in range(args.sessions):
-                        workspace = Path(tmp, f"{runtime}-{i}")
-                        workspace.mkdir()
-                        (workspace / "README.md").write_text("# idle\n")
-                        session = client.start(str(workspace), environment)
-                        if session.status != "running":
-                            raise RuntimeError(f"a session did not start: {session.error}")
-                        ids.append(session.id)
-                    after, service_after = settled(), rss(service.pid)
-                    per_session = (before - after) / args.sessions
-                    per_tracked = (service_after - service_before) / args.sessions
-                    fit = int((meminfo("MemTotal") - RESERVE) / per_session)
-                    print(f"{runtime}: {args.sessions} idle sessions; each takes "
-                          f"{per_session / 2**20:.0f} MiB of the host's memory, "
-                          f"{per_tracked / 2**10:.0f} KiB of the service's; "
-                          f"about {fit} would fit here", flush=True)  # fmt: skip
-                    figures[f"idle session {runtime} MiB"] = round(per_session / 2**20)
-                    figures[f"idle sessions that fit, {runtime}"] = fit
-                    figures[f"service memory per session, {runtime} KiB"] = round(
-                        per_tracked / 1024
-                    )
-                    for session_id in ids:
-                        client.delete(session_id)
-        finally:
-            service.terminate()
-            service.wait(timeout=60)
+    # Idle sessions use far less than their limits reserve (4 GiB each by default): the
+    # budget is lifted, to see what the host itself holds.
+    lifted = {"CODESTATION_MEMORY_BUDGET": "1024g"}
+    with served("density-", extra_env=lifted) as service, service.client() as client:
+        for environment, runtime in (("default", "docker"), ("bwrap", "bwrap")):
+            # One first, so images, binaries and caches are in place before measuring.
+            warm = service.tmp / f"warm-{runtime}"
+            warm.mkdir()
+            client.delete(client.start(str(warm), environment).id)
+            before, service_before = settled(5), rss(service.process.pid)
+            ids = []
+            for i in range(args.sessions):
+                workspace = service.tmp / f"{runtime}-{i}"
+                workspace.mkdir()
+                (workspace / "README.md").write_text("# idle\n")
+                session = client.start(str(workspace), environment)
+                if session.status != "running":
+                    raise RuntimeError(f"a session did not start: {session.error}")
+                ids.append(session.id)
+            after, service_after = settled(), rss(service.process.pid)
+            per_session = (before - after) / args.sessions
+            per_tracked = (service_after - service_before) / args.sessions
+            fit = int((meminfo("MemTotal") - RESERVE) / per_session)
+            print(f"{runtime}: {args.sessions} idle sessions; each takes "
+                  f"{per_session / 2**20:.0f} MiB of the host's memory, "
+                  f"{per_tracked / 2**10:.0f} KiB of the service's; "
+                  f"about {fit} would fit here", flush=True)  # fmt: skip
+            figures[f"idle session {runtime} MiB"] = round(per_session / 2**20)
+            figures[f"idle sessions that fit, {runtime}"] = fit
+            figures[f"service memory per session, {runtime} KiB"] = round(per_tracked / 1024)
+            for session_id in ids:
+                client.delete(session_id)
     total = meminfo("MemTotal") / 2**30
     print(f"\nhost memory {total:.1f} GiB, less a 2 GiB reserve; goal: 100 idle sessions or more")
     if args.json:

@@ -11,21 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from codestation import Client
-from cold_start import free_port, serve
+from cold_start import p95, project, served
 
 PATHS = ("/global/health", "/session")
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def timed(http: httpx.Client, path: str) -> float:
@@ -45,48 +38,36 @@ def main() -> None:
     args = parser.parse_args()
 
     figures: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
-        workspace = Path(tmp, "project")
-        workspace.mkdir()
-        (workspace / "README.md").write_text("# benchmark\n")
-        port = free_port()
-        service = serve(Path(tmp, "data"), port, args.runtime)
-        try:
-            token = Path(tmp, "config", "token").read_text().strip()
-            with Client(f"http://127.0.0.1:{port}", token=token) as client:
-                session = client.start(str(workspace))
-                assert session.url is not None, session.error
-                direct = httpx.Client(
-                    base_url=session.url, auth=(session.auth.username, session.auth.password)
+    with served("proxy-bench-", args.runtime) as service, service.client() as client:
+        session = client.start(str(project(service.tmp)))
+        assert session.url is not None, session.error
+        direct = httpx.Client(
+            base_url=session.url, auth=(session.auth.username, session.auth.password)
+        )
+        proxied = httpx.Client(
+            base_url=service.url,
+            headers={"Host": f"{session.id}.localhost:{service.port}", **service.bearer},
+        )
+        with direct, proxied:
+            for path in PATHS:
+                for _ in range(20):  # warm-up: connections, OpenCode's instance
+                    timed(direct, path)
+                    timed(proxied, path)
+                straight, through = [], []
+                for _ in range(args.requests):
+                    straight.append(timed(direct, path))
+                    through.append(timed(proxied, path))
+                d50, p50 = statistics.median(straight), statistics.median(through)
+                print(
+                    f"GET {path}: direct p50 {d50 * 1000:.2f} ms p95 "
+                    f"{p95(straight) * 1000:.2f} ms; through codestation p50 "
+                    f"{p50 * 1000:.2f} ms p95 {p95(through) * 1000:.2f} ms; "
+                    f"ratio {p50 / d50:.2f}",
+                    flush=True,
                 )
-                proxied = httpx.Client(
-                    base_url=f"http://127.0.0.1:{port}",
-                    headers={"Host": f"{session.id}.localhost:{port}",
-                             "Authorization": f"Bearer {token}"},
-                )  # fmt: skip
-                with direct, proxied:
-                    for path in PATHS:
-                        for _ in range(20):  # warm-up: connections, OpenCode's instance
-                            timed(direct, path)
-                            timed(proxied, path)
-                        straight, through = [], []
-                        for _ in range(args.requests):
-                            straight.append(timed(direct, path))
-                            through.append(timed(proxied, path))
-                        d50, p50 = statistics.median(straight), statistics.median(through)
-                        print(
-                            f"GET {path}: direct p50 {d50 * 1000:.2f} ms p95 "
-                            f"{percentile(straight, 0.95) * 1000:.2f} ms; through codestation p50 "
-                            f"{p50 * 1000:.2f} ms p95 {percentile(through, 0.95) * 1000:.2f} ms; "
-                            f"ratio {p50 / d50:.2f}",
-                            flush=True,
-                        )
-                        figures[f"proxy {path} p50 ms"] = round(p50 * 1000, 2)
-                        figures[f"proxy {path} ratio"] = round(p50 / d50, 2)
-                session.stop()
-        finally:
-            service.terminate()
-            service.wait(timeout=30)
+                figures[f"proxy {path} p50 ms"] = round(p50 * 1000, 2)
+                figures[f"proxy {path} ratio"] = round(p50 / d50, 2)
+        session.stop()
     if args.json:
         args.json.write_text(json.dumps(figures))
 

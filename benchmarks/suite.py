@@ -28,6 +28,10 @@ BENCHMARKS = {
     "warm_start.py": (["--runs", "30"], ["--runs", "2"]),
     "changes.py": (["--runs", "7"], ["--runs", "1", "--files", "1000"]),
     "proxy.py": (["--requests", "300"], ["--requests", "30"]),
+    "streams.py": (
+        ["--events", "200", "--echoes", "300"],
+        ["--events", "20", "--echoes", "20", "--megabytes", "5"],
+    ),
     "density.py": (["--sessions", "10"], ["--sessions", "2"]),
     "api.py": (["--requests", "500"], ["--requests", "30"]),
 }
@@ -42,6 +46,9 @@ GOALS = {
     "warm start bwrap-builtin p50 ms": "(OpenCode's own catalog rebuild: ~0.4 s CPU)",
     "proxy /global/health ratio": "<= 1.2 x direct",
     "proxy /session ratio": "<= 1.2 x direct",
+    "SSE event added delay p50 ms": "<= 1",
+    "WebSocket echo added p50 ms": "<= 1 (direct + 1 ms)",
+    "big terminal output, service peak growth MiB": "(relayed as it comes, not held)",
     "start on the big workspace ratio": "~ 1 (the snapshot hides in the start)",
     "status read ratio to bare": "(a bare FastAPI endpoint answering the same JSON)",
     "idle sessions that fit, docker": ">= 100",

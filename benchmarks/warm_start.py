@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import httpx
 
 from codestation.agent import DIRECTORY, USERNAME
 from codestation.client import Client
-from cold_start import free_port, serve
+from cold_start import p95, project, served
 
 PROFILE = False
 # OpenCode rebuilds its built-in catalog of models (models.dev: 225 providers) each time it
@@ -88,50 +87,34 @@ def direct_listing(client: Client, workspace: Path) -> float:
     return statistics.median(times)
 
 
-def p95(values: list[float]) -> float:
-    return (
-        statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--json", type=Path, help="Also write the figures here, as JSON.")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="warm-start-") as tmp:
-        workspace = Path(tmp, "project")
-        (workspace / "src").mkdir(parents=True)
-        (workspace / "README.md").write_text("# benchmark\n")
+    with (
+        served("warm-start-", environments=ENVIRONMENTS) as service,
+        service.client() as client,
+        httpx.Client(base_url=service.url, headers=service.bearer, timeout=120) as http,
+    ):
+        workspace = project(service.tmp)
+        (workspace / "src").mkdir()
         (workspace / "src" / "main.py").write_text("print('hello')\n")
-        port = free_port()
-        service = serve(Path(tmp, "data"), port, environments=ENVIRONMENTS)
-        try:
-            token = Path(tmp, "config", "token").read_text().strip()
-            url = f"http://127.0.0.1:{port}"
-            bearer = {"Authorization": f"Bearer {token}"}
-            with (
-                Client(url, token=token, timeout=120) as client,
-                httpx.Client(base_url=url, headers=bearer, timeout=120) as http,
-            ):
-                # The first start of each is cold: it tells the pool whom to start sandboxes for.
-                for environment in ENVIRONMENTS:
-                    client.delete(client.start(str(workspace), environment).id)
-                direct = direct_listing(client, workspace)
-                times: dict[str, list[float]] = {name: [] for name in ENVIRONMENTS}
-                for i in range(args.runs):
-                    for environment in ENVIRONMENTS:
-                        took, origin = warm_start(client, http, workspace, environment)
-                        if origin != "pool":
-                            raise RuntimeError(f"run {i + 1} of {environment} started {origin}")
-                        times[environment].append(took)
-                    print(f"run {i + 1}: " + ", ".join(
-                        f"{name} {seen[-1] * 1000:.0f} ms" for name, seen in times.items()
-                    ), flush=True)  # fmt: skip
-        finally:
-            service.terminate()
-            service.wait(timeout=60)
+        # The first start of each is cold: it tells the pool whom to start sandboxes for.
+        for environment in ENVIRONMENTS:
+            client.delete(client.start(str(workspace), environment).id)
+        direct = direct_listing(client, workspace)
+        times: dict[str, list[float]] = {name: [] for name in ENVIRONMENTS}
+        for i in range(args.runs):
+            for environment in ENVIRONMENTS:
+                took, origin = warm_start(client, http, workspace, environment)
+                if origin != "pool":
+                    raise RuntimeError(f"run {i + 1} of {environment} started {origin}")
+                times[environment].append(took)
+            print(f"run {i + 1}: " + ", ".join(
+                f"{name} {seen[-1] * 1000:.0f} ms" for name, seen in times.items()
+            ), flush=True)  # fmt: skip
     figures: dict[str, float] = {}
     print(f"\nover {args.runs} warm starts each (POST start -> the workspace listed via the proxy)")
     for environment, seen in times.items():

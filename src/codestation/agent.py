@@ -12,6 +12,7 @@ cache directory (`npm` must be on PATH), unless `opencode_binary` names one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 import httpx
 from pydantic import SecretStr
+from websockets.asyncio.client import connect
 
 from codestation.config import EnvironmentProfile, Settings
 from codestation.errors import AgentExited, RuntimeUnavailable, SecretMissing, StartTimeout
@@ -264,6 +266,24 @@ async def is_busy(client: httpx.AsyncClient, url: str, password: SecretStr) -> b
 
 # The title of the PTYs codestation's browser terminals run in (`terminals.py`).
 TERMINAL = "codestation:"
+
+
+# OpenCode's terminal frames are 64 KiB at most (seen on 1.18.33); whatever answers on a
+# session's port is the agent's to write, and a frame is held whole before it is passed on.
+MAX_FRAME = 1 << 20
+
+
+def websocket(url: str, password: SecretStr, headers: dict[str, str]) -> connect:
+    """A WebSocket to the agent (`ws://...`), with its credentials and `headers`.
+
+    Frames over MAX_FRAME end it (1009). No keepalive pings: the agent is on this host, where
+    a connection that ends is seen at once, while OpenCode whose output waits on a slow reader
+    answers no ping until the reader catches up (seen: 40 s into a terminal printing a big
+    file), and a ping timeout would cut that healthy stream.
+    """
+    token = base64.b64encode(":".join(basic(password)).encode()).decode()
+    return connect(url, additional_headers={"Authorization": f"Basic {token}", **headers},
+                   max_size=MAX_FRAME, ping_interval=None)  # fmt: skip
 
 
 async def last_activity(

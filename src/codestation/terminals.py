@@ -16,7 +16,6 @@ Browser protocol (JSON text frames in, raw output out): `{"data": "ls\\r"}` type
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import json
@@ -25,10 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from codestation.agent import DIRECTORY, TERMINAL
+from codestation.agent import DIRECTORY, TERMINAL, websocket
 from codestation.sessions import Session
 
 MODES = ("agent", "shell")
@@ -118,12 +116,9 @@ class Terminals:
         pty_id = await self._pty(session, mode, inside_port)
         terminal = self._open[(session.id, mode)]
         terminal.detached_at = None
-        token = base64.b64encode(":".join(self._auth(session)).encode()).decode()
         ws_url = self._url(session).replace("http://", "ws://")
-        async with connect(
-            f"{ws_url}/pty/{pty_id}/connect?cursor=0",
-            additional_headers={"Authorization": f"Basic {token}", **DIRECTORY},
-            max_size=None,
+        async with websocket(
+            f"{ws_url}/pty/{pty_id}/connect?cursor=0", session.password, DIRECTORY
         ) as pty:
 
             async def output() -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 from pathlib import Path
 
 import httpx
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
 
 from codestation import SessionInfo, Status
-from tests.e2e.conftest import Service, ServiceFactory
+from tests.e2e.conftest import Service, ServiceFactory, agent_pid
 
 
 def running(service: Service, workspace: Path) -> SessionInfo:
@@ -131,3 +136,73 @@ def test_abandoned_websockets_end_upstream(service: Service, workspace: Path) ->
         assert time.monotonic() < deadline, f"{left - before} upstream WebSockets left open"
         time.sleep(0.1)
     assert proxied(service, session, "/global/health") == 200
+
+
+def peak_memory(pid: int) -> int:
+    """The process's resident high-water mark (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def terminal_through_the_proxy(
+    service: Service, session: SessionInfo, script: str
+) -> ClientConnection:
+    """A WebSocket through codestation to a new PTY of the session's running `script`."""
+    auth = (session.auth.username, session.auth.password)
+    pty = httpx.post(f"{session.url}/pty", auth=auth, timeout=10,
+                     json={"command": "sh", "args": ["-c", script]}).json()  # fmt: skip
+    return ws_connect(
+        f"ws://{session.id}.localhost:{service.port}/pty/{pty['id']}/connect?cursor=0",
+        additional_headers=service.auth_headers(),
+        sock=socket.create_connection(("127.0.0.1", service.port)),  # no resolver for the name
+        max_size=None,
+        ping_interval=None,
+    )
+
+
+def test_a_terminal_printing_30_mb_streams_through_whole_in_bounded_memory(
+    service: Service, workspace: Path
+) -> None:
+    # OpenCode sends a terminal's output in bursts as fast as the socket takes it: the proxy
+    # must pass it on as it comes, not gather it.
+    line = b"x" * 99 + b"\n"
+    (workspace / "big.txt").write_bytes(line * 300_000)
+    session = running(service, workspace)
+    pid = service.process.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak starts again from here
+    before = peak_memory(pid)
+    received, tail = 0, b""
+    script = "sleep 1; cat /workspace/big.txt; echo; echo THE-END"
+    with terminal_through_the_proxy(service, session, script) as terminal:
+        while b"THE-END" not in tail:
+            frame = terminal.recv(timeout=60)
+            data = frame.encode() if isinstance(frame, str) else frame
+            if not data.startswith(b"\x00"):  # OpenCode's cursor bookkeeping
+                received += len(data)
+                tail = (tail + data)[-64:]
+    assert received >= len(line) * 300_000
+    grew = peak_memory(pid) - before
+    assert grew < 16 * 2**20, f"the service's peak memory rose {grew / 2**20:.0f} MiB"
+
+
+def test_a_terminal_whose_agent_dies_is_not_closed_as_if_all_were_well(
+    service: Service, workspace: Path
+) -> None:
+    session = running(service, workspace)
+    with terminal_through_the_proxy(service, session, "sleep 600") as terminal:
+        terminal.recv(timeout=10)  # connected: OpenCode's first frame
+        os.kill(agent_pid(session), signal.SIGKILL)
+        ended = None
+        deadline = time.monotonic() + 30
+        while ended is None and time.monotonic() < deadline:
+            try:
+                terminal.recv(timeout=30)
+            except ConnectionClosed as exc:
+                ended = exc
+    assert ended is not None, "the terminal stayed open after its agent died"
+    received = ended.rcvd
+    assert received is not None
+    assert received.code == 1011, received
+    assert "without a closing handshake" in received.reason

@@ -10,8 +10,10 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosedError
 
-from codestation.agent import last_activity
+from codestation.agent import MAX_FRAME, last_activity, websocket
 
 
 def answering(answers: dict[str, Any]) -> httpx.AsyncClient:
@@ -60,3 +62,34 @@ def test_a_working_session_or_a_running_shell_is_activity_now() -> None:
 )
 def test_an_answer_of_another_shape_says_nothing(answers: dict[str, Any]) -> None:
     assert ask(answers) is None
+
+
+def test_a_websocket_to_the_agent_carries_its_credentials_and_ends_on_a_giant_frame() -> None:
+    """Whatever answers on a session's port may send a frame of any size; the service holds a
+    frame whole before passing it on, so one over MAX_FRAME ends the connection (1009)."""
+    seen: dict[str, str] = {}
+
+    async def agent(connection: ServerConnection) -> None:
+        assert connection.request is not None
+        seen.update(connection.request.headers)
+        await connection.send("x" * 65536)  # OpenCode's biggest terminal frame: passes
+        await connection.send("x" * (MAX_FRAME + 1))
+        await connection.wait_closed()
+
+    async def scenario() -> tuple[int, int | None]:
+        async with serve(agent, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            password = SecretStr("pw")
+            url = f"ws://127.0.0.1:{port}/pty/p/connect"
+            async with websocket(url, password, {"x-opencode-directory": "/workspace"}) as pty:
+                first = await pty.recv()
+                with pytest.raises(ConnectionClosedError) as ended:
+                    await pty.recv()
+                sent = ended.value.sent
+                return len(first), sent.code if sent else None
+
+    size, code = asyncio.run(scenario())
+    assert size == 65536
+    assert code == 1009
+    assert seen["authorization"] == "Basic b3BlbmNvZGU6cHc="  # opencode:pw
+    assert seen["x-opencode-directory"] == "/workspace"

@@ -29,11 +29,10 @@ import httpcore
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from codestation.accounts import Accounts
-from codestation.agent import DIRECTORY
+from codestation.agent import DIRECTORY, websocket
 from codestation.api.access import (
     CSRF_HEADER,
     OURS,
@@ -234,13 +233,10 @@ class SessionProxy:
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode()
         try:
-            opencode = await connect(
+            opencode = await websocket(
                 f"ws://{upstream[0]}:{upstream[1]}{path}",
-                additional_headers={
-                    "Authorization": _basic(session),
-                    **({} if _names_project(scope) else DIRECTORY),
-                },
-                max_size=None,
+                session.password,
+                {} if _names_project(scope) else DIRECTORY,
             )
         except (OSError, InvalidStatus) as exc:
             await browser.close(code=1011, reason=f"OpenCode refused: {exc}"[:120])
@@ -270,9 +266,20 @@ class SessionProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            code, reason = _close_for_browser(opencode.close_code, opencode.close_reason)
             await opencode.close()
             with contextlib.suppress(RuntimeError, WebSocketDisconnect, ConnectionClosed):
-                await browser.close()
+                await browser.close(code=code, reason=reason)
+
+
+def _close_for_browser(code: int | None, reason: str | None) -> tuple[int, str]:
+    """How to close a browser's WebSocket: as OpenCode closed its own (None: not closed),
+    where that is a code one may send."""
+    if code is None:
+        return 1000, ""
+    if code in (1005, 1006, 1015):  # what a peer saw, never sent: "no code", "dropped", TLS
+        return 1011, "OpenCode's connection ended without a closing handshake"
+    return code, (reason or "").encode()[:120].decode(errors="ignore")  # 123 bytes at most
 
 
 def _sandboxed(send: Send) -> Send:
