@@ -14,6 +14,7 @@ sandbox image, bubblewrap).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
@@ -30,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
-from codestation.agent import OFFLINE_ENV, USERNAME, opencode_binary, serve_args
+from codestation.agent import OFFLINE_ENV, opencode_binary, serve_args, wait_ready
 from codestation.client import Client
 from codestation.config import Settings
 
@@ -44,15 +46,18 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, password: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{url}/global/health", auth=(USERNAME, password), timeout=0.5)
-            if r.status_code == 200 and r.json().get("healthy"):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(f"{url} did not become healthy")
+    """Healthy, as codestation's own readiness probe finds it (`agent.wait_ready`): bare
+    OpenCode is timed by the same measure as a session."""
+
+    async def still_running() -> None:
+        return None
+
+    async def probe() -> None:
+        async with httpx.AsyncClient() as client:
+            seconds = deadline - time.monotonic()
+            await wait_ready(client, url, SecretStr(password), seconds, still_running)
+
+    asyncio.run(probe())
 
 
 PHASES = ("admission", "prepare", "sandbox", "snapshot", "boot")

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosedError
 
+from codestation import agent
 from codestation.agent import MAX_FRAME, last_activity, websocket
 
 
@@ -93,3 +94,40 @@ def test_a_websocket_to_the_agent_carries_its_credentials_and_ends_on_a_giant_fr
     assert code == 1009
     assert seen["authorization"] == "Basic b3BlbmNvZGU6cHc="  # opencode:pw
     assert seen["x-opencode-directory"] == "/workspace"
+
+
+def test_readiness_is_not_held_up_by_a_probe_that_gets_no_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A probe that reaches a session's port just as OpenCode starts to listen can go
+    unanswered (seen behind pasta on every bwrap start: that probe waited out its whole
+    timeout while the next one was answered at once). Later probes must not wait for it."""
+    monkeypatch.setattr(agent, "PROBE_TIMEOUT", 30.0)
+    connections = 0
+
+    async def opencode(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if connections == 1:
+            await asyncio.sleep(60)  # the lost request
+        body = b'{"healthy":true}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    async def still_running() -> None:
+        return None
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(opencode, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, httpx.AsyncClient() as client:
+            ready = agent.wait_ready(
+                client, f"http://127.0.0.1:{port}", SecretStr("pw"), 20, still_running
+            )
+            await asyncio.wait_for(ready, 10)
+
+    asyncio.run(scenario())
+    assert connections >= 2
