@@ -38,7 +38,6 @@ from codestation import agent, pool, prompts
 from codestation.changes import Changes
 from codestation.config import Limits, Settings, size_bytes
 from codestation.errors import (
-    AgentExited,
     AtCapacity,
     BadRequest,
     CodestationError,
@@ -502,21 +501,21 @@ class SessionManager:
         self._publish("session", session)
         self.pool.fit()  # members give way at once to the room this session takes
         phases = {"admission": time.perf_counter() - began}
+        spec = LaunchSpec(
+            session_id=session.id,
+            workspace=opened,
+            address=self.settings.publish_address,
+            port=session.port,
+            env=agent.agent_env(session.password, profile, secret_values),
+            profile=profile,
+            limits=limits,
+            uid=opened.uid,
+            gid=opened.gid,
+        )
         if member is not None:
             self.pool.claimed(member)
-            task = self._spawn(session.id, self._claim(runtime, session.id, opened, phases))
+            task = self._spawn(session.id, self._claim(runtime, spec, phases))
         else:
-            spec = LaunchSpec(
-                session_id=session.id,
-                workspace=opened,
-                address=self.settings.publish_address,
-                port=session.port,
-                env=agent.agent_env(session.password, profile, secret_values),
-                profile=profile,
-                limits=limits,
-                uid=opened.uid,
-                gid=opened.gid,
-            )
             task = self._spawn(
                 session.id, self._launch(runtime, session.id, spec=spec, phases=phases)
             )
@@ -675,11 +674,13 @@ class SessionManager:
         except Exception as exc:
             await self._start_failed(session_id, exc)
 
-    async def _claim(
-        self, runtime: Runtime, session_id: str, workspace: Workspace, phases: dict[str, float]
-    ) -> None:
+    async def _claim(self, runtime: Runtime, spec: LaunchSpec, phases: dict[str, float]) -> None:
         """Make a pool member's sandbox the session's: bind its workspace into it, check its
-        OpenCode still answers, take the snapshot `changes` compares with."""
+        OpenCode still answers, take the snapshot `changes` compares with. A member that stopped
+        answering since the pool last looked (it does every few seconds) is removed and the
+        session starts cold, as `spec` says."""
+        session_id, workspace = spec.session_id, spec.workspace
+        assert workspace is not None
         try:
             session = self._load(session_id)
             bind = asyncio.ensure_future(
@@ -692,15 +693,37 @@ class SessionManager:
                 # closed once this task ends) before the stop removes the sandbox and its slot.
                 await asyncio.wait({bind})
                 raise
-            url, password = self._local_url(session), session.password
-            if not await agent.is_healthy(self._http, url, password, agent.PROBE_TIMEOUT):
-                raise AgentExited("its OpenCode, started ahead of need, stopped answering")
+            except Exception:
+                if await self._answers(session):
+                    raise  # the member works: what failed is the workspace's
+                await self._cold_instead(runtime, spec, phases)
+                return
+            if not await self._answers(session):
+                await self._cold_instead(runtime, spec, phases)
+                return
             await _timed(phases, "snapshot", self.snapshots.take(session_id, workspace))
             await self._now_running(session_id, phases)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self._start_failed(session_id, exc)
+
+    async def _answers(self, session: Session) -> bool:
+        url = self._local_url(session)
+        return await agent.is_healthy(self._http, url, session.password, agent.PROBE_TIMEOUT)
+
+    async def _cold_instead(
+        self, runtime: Runtime, spec: LaunchSpec, phases: dict[str, float]
+    ) -> None:
+        """A claimed member no longer answers: remove what is left of it, then start cold."""
+        session = self._load(spec.session_id)
+        log.info("session %s: its pool member no longer answers; starting cold", session.id)
+        await runtime.stop(session.id, session.runtime_state, 0)
+        await self._change(
+            session.id, lambda s: s.with_changes(started_from="cold", runtime_state={})
+        )
+        phases.pop("bind", None)
+        await self._launch(runtime, session.id, spec=spec, phases=phases)
 
     async def _now_running(self, session_id: str, phases: dict[str, float]) -> None:
         took = {name: round(seconds, 4) for name, seconds in phases.items()}

@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 
 from codestation.errors import StartFailed
-from codestation.workspaces import Workspace
+from codestation.workspaces import Workspace, open_beneath
 
 # Linux's mount calls. The numbers are the same on every architecture (since 5.1, new calls
 # share one table).
@@ -144,7 +144,7 @@ class Slots:
             os.close(top)
         for pin in workspace.pinned:  # parents first: each lands on what the last attached
             try:
-                target = _open_under(slot, pin.relative)
+                target = open_beneath(slot, pin.relative.split("/"))
             except OSError:
                 raise StartFailed(
                     f"{pin.relative} in the workspace was removed or replaced while the session "
@@ -199,20 +199,6 @@ def verify(root: str, workspace: Workspace) -> None:
                 f"{path} in the sandbox is not the workspace that was checked ({got}, not "
                 f"{wanted}); start the session again."
             )
-
-
-def _open_under(slot: Path, relative: str) -> int:
-    """`slot/relative`, opened (O_PATH) one component at a time, never through a symlink."""
-    fd = os.open(slot, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        for part in relative.split("/"):
-            child = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _mounted(path: Path) -> bool:

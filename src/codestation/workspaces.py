@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,16 +157,23 @@ def open_workspace(raw: str, allowed_roots: list[Path], reserved: list[Path]) ->
 def _open_no_symlinks(real: Path, raw: str) -> int:
     """Open `real` component by component, refusing any symlink: what the checks above saw by
     name is then the directory held, even if a component was swapped in the meantime."""
-    fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
     try:
-        for part in real.parts[1:]:
-            try:
-                child = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError:
-                raise WorkspaceRejected(
-                    f"workspace {raw!r} changed while it was being checked (a symlink or a file "
-                    "took the place of a directory); start the session again."
-                ) from None
+        return open_beneath(Path("/"), real.parts[1:], os.O_DIRECTORY)
+    except OSError:
+        raise WorkspaceRejected(
+            f"workspace {raw!r} changed while it was being checked (a symlink or a file took "
+            "the place of a directory); start the session again."
+        ) from None
+
+
+def open_beneath(start: Path, parts: Iterable[str], flags: int = 0) -> int:
+    """The directory `start`, then each of `parts` beneath it, opened (O_PATH) one component
+    at a time and never through a symlink, `flags` added to each of `parts` (O_DIRECTORY:
+    directories only). OSError (ELOOP, ENOTDIR, ENOENT) where a component is not as wanted."""
+    fd = os.open(start, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            child = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=fd)
             os.close(fd)
             fd = child
     except BaseException:

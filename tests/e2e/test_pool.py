@@ -149,6 +149,38 @@ def test_a_member_is_handed_out_once_and_the_pool_refills(
     assert len(members(service, runtime) - sessions) == 1  # the member: no one's session
 
 
+def kill_member(service: Service, runtime: str, member: str) -> None:
+    """End a pool member's OpenCode at once, as a crash would."""
+    if runtime == "docker":
+        (container,) = [c for c in service.containers()
+                        if c.labels["codestation.session"] == member]  # fmt: skip
+        container.kill()
+        return
+    for proc in Path("/proc").iterdir():
+        try:
+            in_member = f"/codestation/{member}\n" in (proc / "cgroup").read_text()
+            if in_member and b"opencode" in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def test_a_member_that_died_since_the_pool_looked_gives_way_to_a_cold_start(
+    start_service: ServiceFactory, tmp_path: Path, runtime: str
+) -> None:
+    service = warmed(start_service, tmp_path)
+    wait_pool(service)
+    (member,) = members(service, runtime) - {s.id for s in service.client.sessions()}
+    kill_member(service, runtime, member)
+    # At once: the pool looks at its members every 2 s, so this start still takes the dead one.
+    started = service.client.start(str(project(tmp_path, "after")), wait=False)
+    session = service.client.wait(started.id)
+    assert session.status is Status.RUNNING, session.error
+    assert session.started_from == "cold"
+    assert files_seen(service, session) == {"README.md", "src"}
+    assert not (service.data_dir / "slots" / member).exists()  # the dead member's, released
+
+
 def test_only_a_start_for_the_same_owner_takes_a_member(
     start_service: ServiceFactory, tmp_path: Path
 ) -> None:

@@ -316,8 +316,12 @@ def _upstream_headers(scope: Scope, session: Session) -> list[tuple[str, str]]:
 
 def _names_project(scope: Scope) -> bool:
     """Whether a request says which project it is about (else it is about the workspace)."""
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    return "directory" in query or "x-opencode-directory" in Headers(scope=scope)
+    query: bytes = scope.get("query_string", b"")
+    # On every proxied request: parsed only where the name can be (ASGI's header names are
+    # lowercase already).
+    if b"directory=" in query and "directory" in parse_qs(query.decode("latin-1")):
+        return True
+    return any(name == b"x-opencode-directory" for name, _ in scope["headers"])
 
 
 def _passes_down(name: str) -> bool:
