@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import random
 import socket
 import statistics
 import threading
@@ -141,9 +142,17 @@ def echoes(
         for _ in range(20):  # warm-up
             echo(near)
             echo(far)
-        for _ in range(count):
-            straight.append(echo(near))
-            through.append(echo(far))
+        for i in range(count):
+            # OpenCode sends a terminal's output on a timer of its own (the echo takes 3-13
+            # ms): a random pause before each keystroke meets it at a random phase, and the
+            # two take turns at going first.
+            time.sleep(random.uniform(0, 0.015))
+            if i % 2:
+                straight.append(echo(near))
+                through.append(echo(far))
+            else:
+                through.append(echo(far))
+                straight.append(echo(near))
     for pty_id in made:
         direct.delete(f"/pty/{pty_id}")
     return straight, through
