@@ -201,21 +201,21 @@ def basic(password: SecretStr) -> tuple[str, str]:
 async def is_healthy(
     client: httpx.AsyncClient, url: str, password: SecretStr, seconds: float
 ) -> bool:
-    """One probe of `/global/health`, bounded by `seconds` (a connect can hang on docker-proxy)."""
+    """One probe of `/global/health`, its whole answer bounded by `seconds` and in size (a
+    connect can hang on docker-proxy; whatever listens there may trickle)."""
     try:
-        response = await client.get(f"{url}/global/health", auth=basic(password), timeout=seconds)
-    except httpx.HTTPError:
+        status, answer = await ask(client, "GET", f"{url}/global/health", password,
+                                   seconds=seconds)  # fmt: skip
+    except (httpx.HTTPError, BadAnswer):
         return False
-    if response.status_code != 200:
-        return False
-    try:
-        return bool(response.json().get("healthy"))
-    except (ValueError, AttributeError):  # not JSON, or not an object
-        return False
+    return status == 200 and isinstance(answer, dict) and bool(answer.get("healthy"))
 
 
 PROBE_INTERVAL = 0.05  # seconds between readiness probes
 PROBE_TIMEOUT = 1.0
+# Probes open at once, at most: those that get no answer must not take every connection of
+# the service's client, which all sessions' probes and polls share.
+PROBES_AT_ONCE = 3
 # Asking the runtime whether the agent has ended costs more (Docker: an inspect in the engine,
 # whose CPU the booting agent needs): less often.
 ENDED_INTERVAL = 0.2
@@ -244,14 +244,19 @@ async def wait_ready(
         while True:
             remaining = deadline - loop.time()
             timeout = max(0.05, min(PROBE_TIMEOUT, remaining))
-            probes.add(asyncio.create_task(is_healthy(client, url, password, timeout)))
+            if len(probes) < PROBES_AT_ONCE:
+                probes.add(asyncio.create_task(is_healthy(client, url, password, timeout)))
             next_probe = loop.time() + PROBE_INTERVAL
             while probes and (wait := next_probe - loop.time()) > 0:
                 done, probes = await asyncio.wait(
                     probes, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
-                if any(task.result() for task in done):
+                answers = [task.exception() or task.result() for task in done]
+                if True in answers:
                     return
+                for answer in answers:
+                    if isinstance(answer, BaseException):
+                        raise answer
             if loop.time() >= ask_ended or loop.time() >= deadline:
                 ask_ended = loop.time() + ENDED_INTERVAL
                 reason = await ended()
@@ -302,14 +307,16 @@ MAX_FRAME = 1 << 20
 def websocket(url: str, password: SecretStr, headers: dict[str, str]) -> connect:
     """A WebSocket to the agent (`ws://...`), with its credentials and `headers`.
 
-    Frames over MAX_FRAME end it (1009). No keepalive pings: the agent is on this host, where
-    a connection that ends is seen at once, while OpenCode whose output waits on a slow reader
-    answers no ping until the reader catches up (seen: 40 s into a terminal printing a big
-    file), and a ping timeout would cut that healthy stream.
+    Frames over MAX_FRAME end it (1009); at most two wait to be read. No keepalive pings: the
+    agent is on this host, where a connection that ends is seen at once, while OpenCode whose
+    output waits on a slow reader answers no ping until the reader catches up (seen: 40 s
+    into a terminal printing a big file), and a ping timeout would cut that healthy stream.
     """
     token = base64.b64encode(":".join(basic(password)).encode()).decode()
+    # Two frames waiting at most, uncompressed: the agent is on this host.
     return connect(url, additional_headers={"Authorization": f"Basic {token}", **headers},
-                   max_size=MAX_FRAME, ping_interval=None)  # fmt: skip
+                   max_size=MAX_FRAME, max_queue=2, compression=None,
+                   ping_interval=None)  # fmt: skip
 
 
 async def last_activity(

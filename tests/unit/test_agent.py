@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosedError
 
 from codestation import agent
 from codestation.agent import MAX_FRAME, last_activity, websocket
+from codestation.errors import StartTimeout
 
 
 def answering(answers: dict[str, Any]) -> httpx.AsyncClient:
@@ -131,3 +132,52 @@ def test_readiness_is_not_held_up_by_a_probe_that_gets_no_answer(
 
     asyncio.run(scenario())
     assert connections >= 2
+
+
+def trickled_probes(probe_timeout: float) -> tuple[int, int]:
+    """Readiness probes against a listener that answers a byte at a time, for ever, over
+    1.5 s: how many connections it saw, and how many at most at once."""
+    opened, most, open_now = 0, 0, 0
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened, most, open_now
+        opened += 1
+        open_now += 1
+        most = max(most, open_now)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+            while True:
+                writer.write(b"a")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            open_now -= 1
+
+    async def still_running() -> None:
+        return None
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, httpx.AsyncClient() as client:
+            url = f"http://127.0.0.1:{port}"
+            with pytest.raises(StartTimeout):
+                await agent.wait_ready(client, url, SecretStr("pw"), 1.5, still_running)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(agent, "PROBE_TIMEOUT", probe_timeout)
+        asyncio.run(scenario())
+    return opened, most
+
+
+def test_probes_that_trickle_are_few_at_once_and_each_ends_in_time() -> None:
+    """Whatever listens on a session's port may answer a byte at a time, for ever: no more
+    than PROBES_AT_ONCE probes are open at once (they share the service's client with every
+    other session's), and each ends within PROBE_TIMEOUT in all, so others take its place."""
+    opened, most = trickled_probes(30.0)
+    assert opened == most == agent.PROBES_AT_ONCE
+    opened, _ = trickled_probes(0.3)
+    assert opened > agent.PROBES_AT_ONCE

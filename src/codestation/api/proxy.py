@@ -29,7 +29,9 @@ import httpcore
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.protocol import State
 
 from codestation.accounts import Accounts
 from codestation.agent import DIRECTORY, websocket
@@ -238,7 +240,7 @@ class SessionProxy:
                 session.password,
                 {} if _names_project(scope) else DIRECTORY,
             )
-        except (OSError, InvalidStatus) as exc:
+        except (OSError, InvalidHandshake) as exc:  # refused, or not a WebSocket's answer
             await browser.close(code=1011, reason=f"OpenCode refused: {exc}"[:120])
             return
         await browser.accept()
@@ -266,20 +268,33 @@ class SessionProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            code, reason = _close_for_browser(opencode.close_code, opencode.close_reason)
+            code, reason = _close_for_browser(opencode)
             await opencode.close()
             with contextlib.suppress(RuntimeError, WebSocketDisconnect, ConnectionClosed):
                 await browser.close(code=code, reason=reason)
 
 
-def _close_for_browser(code: int | None, reason: str | None) -> tuple[int, str]:
-    """How to close a browser's WebSocket: as OpenCode closed its own (None: not closed),
-    where that is a code one may send."""
-    if code is None:
-        return 1000, ""
-    if code in (1005, 1006, 1015):  # what a peer saw, never sent: "no code", "dropped", TLS
+def _close_for_browser(opencode: ClientConnection) -> tuple[int, str]:
+    """How to close a browser's WebSocket, told before the agent's side is closed: as the
+    agent closed its own where it did so first, with one of the codes an ordinary end or an
+    application uses (the others are codestation's own to say, e.g. 1008, 1013)."""
+    protocol = opencode.protocol
+    sent, received = protocol.close_sent, protocol.close_rcvd
+    if sent is None and received is None:
+        if protocol.state is State.OPEN:
+            return 1000, ""  # the browser left first
         return 1011, "OpenCode's connection ended without a closing handshake"
-    return code, (reason or "").encode()[:120].decode(errors="ignore")  # 123 bytes at most
+    if received is None or protocol.close_rcvd_then_sent is False:
+        assert sent is not None  # codestation ended it: a frame over MAX_FRAME, bad data
+        return 1011, f"OpenCode sent what codestation does not pass on ({sent.code})"
+    code = received.code
+    if code == 1005:  # a clean close that named no code
+        return 1000, ""
+    if code not in (1000, 1001, 1011) and not 3000 <= code <= 4999:
+        code = 1011
+    printable = "".join(c for c in received.reason if c.isprintable())
+    reason = f"OpenCode: {printable}" if printable else ""
+    return code, reason.encode()[:120].decode(errors="ignore")  # a close reason: 123 bytes
 
 
 def _sandboxed(send: Send) -> Send:

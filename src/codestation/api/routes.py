@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, Web
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from codestation import __version__, prompts
 from codestation.api.access import caller
@@ -298,9 +298,12 @@ async def _attach(
 
     inside = manager.runtimes[session.runtime].inside_port(session.port)
     with contextlib.suppress(WebSocketDisconnect, ConnectionClosed, RuntimeError):
-        await terminals.attach(
-            session, mode, inside, receive, websocket.send_bytes, lambda: manager.touch(session)
-        )
+        try:
+            await terminals.attach(session, mode, inside, receive, websocket.send_bytes,
+                                   lambda: manager.touch(session))  # fmt: skip
+        except (OSError, InvalidHandshake) as exc:  # whatever listens there is no terminal
+            await websocket.close(code=1011, reason=f"OpenCode refused: {exc}"[:120])
+            return
         await websocket.close()
 
 
