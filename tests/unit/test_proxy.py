@@ -4,6 +4,7 @@ WebSocket server stands in for whatever listens on a session's port)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 from pydantic import SecretStr
@@ -14,9 +15,9 @@ from codestation.agent import websocket
 from codestation.api.proxy import _close_for_browser
 
 
-def closed_by_agent(code: int, reason: str) -> tuple[int, str]:
-    async def agent(connection: ServerConnection) -> None:
-        await connection.close(code, reason)
+def told_after(agent: Callable[[ServerConnection], Awaitable[None]]) -> tuple[int, str]:
+    """How the proxy would close a browser's WebSocket once `agent`, answering on the
+    session's port, has ended its side."""
 
     async def scenario() -> tuple[int, str]:
         async with serve(agent, "127.0.0.1", 0) as server:
@@ -27,6 +28,13 @@ def closed_by_agent(code: int, reason: str) -> tuple[int, str]:
                 return _close_for_browser(opencode)
 
     return asyncio.run(scenario())
+
+
+def closed_by_agent(code: int, reason: str) -> tuple[int, str]:
+    async def agent(connection: ServerConnection) -> None:
+        await connection.close(code, reason)
+
+    return told_after(agent)
 
 
 @pytest.mark.parametrize(
@@ -51,15 +59,7 @@ def test_a_frame_too_big_is_told_as_codestation_s_refusal() -> None:
         await connection.send("x" * (2 << 20))
         await connection.wait_closed()
 
-    async def scenario() -> tuple[int, str]:
-        async with serve(agent, "127.0.0.1", 0) as server:
-            port = server.sockets[0].getsockname()[1]
-            async with websocket(f"ws://127.0.0.1:{port}/", SecretStr("pw"), {}) as opencode:
-                with pytest.raises(ConnectionClosed):
-                    await opencode.recv()
-                return _close_for_browser(opencode)
-
-    assert asyncio.run(scenario()) == (
+    assert told_after(agent) == (
         1011,
         "OpenCode sent what codestation does not pass on (1009)",
     )
