@@ -39,6 +39,7 @@ BENCHMARKS = {
 GOALS = {
     "cold start docker ratio": "<= 1.10 x bare",
     "cold start bwrap ratio": "<= 1.05 x bare",
+    "cold start docker floor ratio": "(bare + the engine starting a container: the least)",
     "warm start docker p50 ms": "<= 100 (E2B ~100-150, Daytona < 90)",
     "warm start docker p95 ms": "<= 250",
     "warm start bwrap p50 ms": "<= 100 (E2B ~100-150, Daytona < 90)",
@@ -46,6 +47,9 @@ GOALS = {
     "warm start bwrap-builtin p50 ms": "(OpenCode's own catalog rebuild: ~0.4 s CPU)",
     "proxy /global/health ratio": "<= 1.2 x direct",
     "proxy /session ratio": "<= 1.2 x direct",
+    "proxy /global/health bare forwarder ratio": "(the least a Python proxy does: the floor)",
+    "proxy /session bare forwarder ratio": "(the least a Python proxy does: the floor)",
+    "uvicorn constant answer ratio": "(uvicorn answering, forwarding nothing)",
     "SSE event added delay p50 ms": "<= 1",
     "WebSocket echo added p50 ms": "<= 1 (direct + 1 ms)",
     "big terminal output, service peak growth MiB": "(relayed as it comes, not held)",
