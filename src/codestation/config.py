@@ -96,13 +96,47 @@ class SecretRef(BaseModel):
         return f"the variable {self.env}" if self.env else f"the file {self.file}"
 
 
+class KubernetesStorage(BaseModel):
+    """Where a Kubernetes session's Pod finds its workspace (`[environments.<name>.kubernetes]`).
+
+    `hostPath`: the workspace's own path on the node, for a single-node cluster whose node is
+    the machine codestation checks workspaces on. `claim`: a PersistentVolumeClaim of many
+    workspaces (ReadWriteMany for more than one node), which codestation sees mounted at
+    `root`: a workspace `<root>/a/b` is the claim's subPath `a/b`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    volume: Literal["hostPath", "claim"] = Field(
+        default="hostPath", description="hostPath (single node) or claim (a shared volume)."
+    )
+    claim: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+        description="The PersistentVolumeClaim, in codestation's namespace, for volume = claim.",
+    )
+    root: Path | None = Field(
+        default=None,
+        description="Where codestation itself sees the claim's volume; every workspace of "
+        "such an environment lies beneath it.",
+    )
+
+    @model_validator(mode="after")
+    def _claim_needs_root(self) -> KubernetesStorage:
+        if self.volume == "claim" and (self.claim is None or self.root is None):
+            raise ValueError("volume = claim needs both claim (its name) and root (its mount)")
+        if self.root is not None and not self.root.is_absolute():
+            raise ValueError(f"root {self.root} must be an absolute path")
+        return self
+
+
 class EnvironmentProfile(BaseModel):
     """What a session started with `environment=<name>` gets."""
 
     model_config = ConfigDict(extra="forbid")
 
     description: str = ""
-    runtime: Literal["docker", "bwrap"] | None = Field(
+    runtime: Literal["docker", "bwrap", "kubernetes"] | None = Field(
         default=None, description="Where this environment's sessions run; unset: the service's."
     )
     image: str | None = Field(
@@ -166,6 +200,10 @@ class EnvironmentProfile(BaseModel):
         default=None, ge=0, description="Unset: the service's idle_timeout."
     )
     max_age: float | None = Field(default=None, ge=0, description="Unset: the service's max_age.")
+    kubernetes: KubernetesStorage = Field(
+        default_factory=KubernetesStorage,
+        description="For the kubernetes runtime: where a session's Pod finds its workspace.",
+    )
     pool: int = Field(
         default=0,
         ge=0,
@@ -262,10 +300,10 @@ def _default_roots() -> list[Path]:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CODESTATION_", extra="forbid")
 
-    runtime: Literal["auto", "docker", "bwrap"] = Field(
+    runtime: Literal["auto", "docker", "bwrap", "kubernetes"] = Field(
         default="auto",
         description="Where sessions run: auto takes Docker when an engine answers, "
-        "else bubblewrap.",
+        "else bubblewrap; kubernetes is never taken unless named.",
     )
     host: str = Field(default="127.0.0.1", description="Address the API listens on.")
     port: int = Field(default=8585, ge=1, le=65535, description="Port the API listens on.")
@@ -409,6 +447,16 @@ class Settings(BaseSettings):
         default=False,
         description="Stop every session when the service stops; by default they keep running "
         "and are re-adopted at the next start.",
+    )
+    kubernetes_namespace: str = Field(
+        default="codestation",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="The namespace the kubernetes runtime makes sessions' Pods and Secrets in.",
+    )
+    kubernetes_config: Path | None = Field(
+        default=None,
+        description="A kubeconfig for the kubernetes runtime; unset: the Pod's own service "
+        "account inside a cluster, else $KUBECONFIG or ~/.kube/config.",
     )
     environments: dict[str, EnvironmentProfile] = Field(default_factory=dict)
 

@@ -265,7 +265,7 @@ class SessionManager:
         answers = await asyncio.gather(
             *(
                 asyncio.wait_for(
-                    agent.is_busy(self._http, self._local_url(s), s.password), ACTIVITY_TIMEOUT
+                    agent.is_busy(self._http, self.agent_url(s), s.password), ACTIVITY_TIMEOUT
                 )
                 for s in running
             ),
@@ -291,7 +291,7 @@ class SessionManager:
         seen = await asyncio.gather(
             *(
                 asyncio.wait_for(
-                    agent.last_activity(self._http, self._local_url(s), s.password),
+                    agent.last_activity(self._http, self.agent_url(s), s.password),
                     ACTIVITY_TIMEOUT,
                 )
                 for s in running
@@ -361,7 +361,7 @@ class SessionManager:
         return session
 
     def url(self, session: Session) -> str:
-        return f"http://{self.settings.session_host}:{session.port}"
+        return self.runtimes[session.runtime].url(session.port, session.runtime_state)
 
     def web_url(self, session: Session) -> str:
         return self.settings.web_url(session.id)
@@ -382,11 +382,16 @@ class SessionManager:
         """How to reach the running session's OpenCode, for work `caller` asks of it."""
         session = self._running(caller, session_id, "its agent cannot take work: start a new "
                                 "session (POST /api/v1/code/start).")  # fmt: skip
-        return prompts.Agent(session.id, self._local_url(session), session.password,
+        return prompts.Agent(session.id, self.agent_url(session), session.password,
                              self._agent_http)  # fmt: skip
 
-    def _local_url(self, session: Session) -> str:
-        return f"http://{self.settings.local_host}:{session.port}"
+    def agent_address(self, session: Session) -> tuple[str, int]:
+        """Where codestation itself reaches the session's OpenCode."""
+        return self.runtimes[session.runtime].address(session.port, session.runtime_state)
+
+    def agent_url(self, session: Session) -> str:
+        host, port = self.agent_address(session)
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     async def agent_events(self, caller: Caller, session_id: str) -> AsyncGenerator[bytes, None]:
         """The agent's own event stream (OpenCode's, for /workspace), as it comes, until the
@@ -709,7 +714,7 @@ class SessionManager:
             await self._start_failed(session_id, exc)
 
     async def _answers(self, session: Session) -> bool:
-        url = self._local_url(session)
+        url = self.agent_url(session)
         return await agent.is_healthy(self._http, url, session.password, agent.PROBE_TIMEOUT)
 
     async def _cold_instead(
@@ -771,7 +776,7 @@ class SessionManager:
             exit_ = await runtime.poll(session_id, state)
             return exit_.reason if exit_ else None
 
-        await agent.wait_ready(self._http, self._local_url(session), session.password,
+        await agent.wait_ready(self._http, self.agent_url(session), session.password,
                                self.settings.start_timeout, ended)  # fmt: skip
 
     async def _fail(self, session_id: str, reason: str) -> None:

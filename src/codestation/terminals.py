@@ -40,8 +40,8 @@ class _Terminal:
 
 
 class Terminals:
-    def __init__(self, local_host: str, keep: float) -> None:
-        self.local_host = local_host
+    def __init__(self, agent_url: Callable[[Session], str], keep: float) -> None:
+        self._agent_url = agent_url  # where codestation reaches a session's OpenCode
         self.keep = keep  # seconds a detached terminal waits for its browser to come back
         self._open: dict[tuple[str, str], _Terminal] = {}
         self._making: collections.Counter[str] = collections.Counter()  # PTYs being made
@@ -51,7 +51,7 @@ class Terminals:
         await self._http.aclose()
 
     def _url(self, session: Session) -> str:
-        return f"http://{self.local_host}:{session.port}"
+        return self._agent_url(session)
 
     def _auth(self, session: Session) -> tuple[str, str]:
         return (session.username, session.password.get_secret_value())

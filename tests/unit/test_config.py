@@ -215,3 +215,21 @@ def test_a_configured_catalog_reaches_opencode_as_an_empty_builtin_one() -> None
     env = agent_env(SecretStr("pw"), profile, {})
     assert env["OPENCODE_MODELS_PATH"].startswith(CONFIG_INSIDE + "/")
     assert "OPENCODE_MODELS_PATH" not in agent_env(SecretStr("pw"), EnvironmentProfile(), {})
+
+
+def test_a_kubernetes_claim_needs_its_name_and_where_codestation_sees_it() -> None:
+    with pytest.raises(ValidationError, match="needs both claim"):
+        EnvironmentProfile.model_validate({"kubernetes": {"volume": "claim", "claim": "ws"}})
+    with pytest.raises(ValidationError, match="must be an absolute path"):
+        EnvironmentProfile.model_validate(
+            {"kubernetes": {"volume": "claim", "claim": "ws", "root": "srv/ws"}}
+        )
+    with pytest.raises(ValidationError, match="claim"):
+        EnvironmentProfile.model_validate(
+            {"kubernetes": {"volume": "claim", "claim": "Not_A_Name", "root": "/srv/ws"}}
+        )
+    fine = EnvironmentProfile.model_validate(
+        {"runtime": "kubernetes", "kubernetes": {"volume": "claim", "claim": "ws", "root": "/srv"}}
+    )
+    assert fine.kubernetes.claim == "ws"
+    assert EnvironmentProfile().kubernetes.volume == "hostPath"

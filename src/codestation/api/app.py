@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         app.state.manager = manager
         app.state.accounts = Accounts(store, settings)
-        terminals = app.state.terminals = Terminals(settings.local_host, settings.terminal_keep)
+        terminals = app.state.terminals = Terminals(manager.agent_url, settings.terminal_keep)
         sweeping = asyncio.create_task(_sweep_terminals(terminals, manager, settings.cull_interval))
         log.info("codestation %s: runtime %s, data in %s", __version__,
                  manager.default_runtime, settings.data_dir)  # fmt: skip

@@ -134,7 +134,7 @@ class SessionProxy:
         if self._in_flight[session.id] >= most:
             await _refuse_busy(scope, send, session.id, most)
             return
-        upstream = (manager.settings.local_host, session.port)
+        upstream = manager.agent_address(session)
         self._in_flight[session.id] += 1
         try:
             if scope["type"] == "websocket":

@@ -7,8 +7,13 @@ from codestation.errors import RuntimeUnavailable
 from codestation.runtimes.base import Exit, LaunchSpec, Runtime, State
 from codestation.runtimes.bwrap import BwrapRuntime
 from codestation.runtimes.docker import DockerRuntime
+from codestation.runtimes.kubernetes import KubernetesRuntime
 
-RUNTIMES: dict[str, type[Runtime]] = {"docker": DockerRuntime, "bwrap": BwrapRuntime}
+RUNTIMES: dict[str, type[Runtime]] = {
+    "docker": DockerRuntime,
+    "bwrap": BwrapRuntime,
+    "kubernetes": KubernetesRuntime,
+}
 
 
 def make_runtimes(settings: Settings) -> dict[str, Runtime]:

@@ -17,6 +17,9 @@ Rules for each method:
 
 - `inside_port(port)`: the port OpenCode listens on inside the sandbox of a session published
   on `port` (what a terminal in the sandbox attaches to).
+- `address(port, state)`: the host and port codestation reaches the session's OpenCode at (its
+  probes, the proxy, terminals, prompts). By default the port published on this host.
+- `url(port, state)`: where a client reaches OpenCode directly: the session's `url`.
 - `enforced(limits)`: the part of `limits` this runtime applies to a session, as JSON (`{}`
   if it can apply none); shown with the session.
 - `check()`: raise RuntimeUnavailable, saying how to fix it, if sessions cannot start now.
@@ -65,6 +68,8 @@ Rules for each method:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -112,6 +117,12 @@ class Runtime(ABC):
     @abstractmethod
     def inside_port(self, port: int) -> int: ...
 
+    def address(self, port: int, state: State) -> tuple[str, int]:
+        return (self.settings.local_host, port)
+
+    def url(self, port: int, state: State) -> str:
+        return f"http://{self.settings.session_host}:{port}"
+
     @abstractmethod
     def enforced(self, limits: Limits) -> dict[str, Any]: ...
 
@@ -156,3 +167,39 @@ class Runtime(ABC):
 
     async def close(self) -> None:
         return None
+
+
+async def pumped(stream: Any, name: str) -> AsyncIterator[Any]:
+    """The items of one of an engine client's blocking streams (a followed log, an event feed), read
+    in a thread of its own, since it may stay open for hours; closed when the caller stops.
+    The thread waits while the caller is behind: a slow reader is never buffered for."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[Any] = asyncio.Queue(64)
+    done = object()
+    closed = threading.Event()
+
+    def hand_over(item: Any) -> None:
+        if not closed.is_set():
+            asyncio.run_coroutine_threadsafe(items.put(item), loop).result()
+
+    def pump() -> None:
+        try:
+            for item in stream:
+                if closed.is_set():
+                    return
+                hand_over(item)
+        except Exception:  # the stream was closed under us, or the engine went away
+            pass
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: no one is waiting
+                hand_over(done)
+
+    threading.Thread(target=pump, name=name, daemon=True).start()
+    try:
+        while (item := await items.get()) is not done:
+            yield item
+    finally:
+        closed.set()
+        stream.close()
+        while not items.empty():  # let a hand-over that waits for room finish
+            items.get_nowait()

@@ -37,7 +37,7 @@ from codestation import agent, network, slots
 from codestation.config import EnvironmentProfile, Limits, Settings
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.image import ensure_image, image_tag
-from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State
+from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State, pumped
 from codestation.workspaces import Workspace
 
 LABEL_MANAGED = "codestation.managed"
@@ -318,7 +318,7 @@ class DockerRuntime(Runtime):
         stream = await self._call(
             container.logs, stdout=True, stderr=True, stream=True, follow=True, tail=tail
         )
-        async for chunk in _pumped(stream, f"logs-{session_id}"):
+        async for chunk in pumped(stream, f"logs-{session_id}"):
             yield chunk
 
     async def ended(self) -> AsyncIterator[str]:
@@ -328,7 +328,7 @@ class DockerRuntime(Runtime):
             "label": [f"{LABEL_MANAGED}=true", f"{LABEL_DATA_DIR}={self.settings.data_dir}"],
         }
         stream = await self._call(lambda: self.client.events(decode=True, filters=filters))
-        async for event in _pumped(stream, "docker-events"):
+        async for event in pumped(stream, "docker-events"):
             session_id = event.get("Actor", {}).get("Attributes", {}).get(LABEL_SESSION)
             if session_id:
                 yield session_id
@@ -378,39 +378,3 @@ def _limits(limits: Limits) -> dict[str, Any]:
         tmpfs["/tmp"] = f"rw,exec,nosuid,nodev,mode=1777,size={limits.tmp}"
     args["tmpfs"] = tmpfs
     return args
-
-
-async def _pumped(stream: Any, name: str) -> AsyncIterator[Any]:
-    """The items of one of the SDK's blocking streams (a followed log, the event feed), read
-    in a thread of its own, since it may stay open for hours; closed when the caller stops.
-    The thread waits while the caller is behind: a slow reader is never buffered for."""
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue[Any] = asyncio.Queue(64)
-    done = object()
-    closed = threading.Event()
-
-    def hand_over(item: Any) -> None:
-        if not closed.is_set():
-            asyncio.run_coroutine_threadsafe(items.put(item), loop).result()
-
-    def pump() -> None:
-        try:
-            for item in stream:
-                if closed.is_set():
-                    return
-                hand_over(item)
-        except Exception:  # the stream was closed under us, or the engine went away
-            pass
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: no one is waiting
-                hand_over(done)
-
-    threading.Thread(target=pump, name=name, daemon=True).start()
-    try:
-        while (item := await items.get()) is not done:
-            yield item
-    finally:
-        closed.set()
-        stream.close()
-        while not items.empty():  # let a hand-over that waits for room finish
-            items.get_nowait()

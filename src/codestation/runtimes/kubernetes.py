@@ -1,0 +1,507 @@
+"""The Kubernetes runtime: one Pod per session, from the sandbox image, in one namespace.
+
+The Pod runs `opencode serve` (behind the workspace guard) as the workspace owner's uid:gid,
+with every capability dropped, no privilege escalation and a read-only root file system; /tmp
+(also HOME) is an emptyDir, held in memory and bounded when `limits.tmp` is set. Its
+environment, the session's password among it, comes from a Secret of its own through
+`envFrom`: the Pod's spec holds none of it. No service account token is mounted, no service
+links are injected. `limits` become the container's requests and limits (Kubernetes has no
+per-Pod process limit: `pids` is the node's business).
+
+Workspaces (`[environments.<name>.kubernetes]`): a hostPath of the workspace's own path (one
+node, the machine codestation checks workspaces on), or a subPath of a PersistentVolumeClaim
+of many workspaces that codestation sees mounted at `root`.
+
+codestation reaches OpenCode at the Pod's IP, port 8080, so it must be able to route to Pod IPs
+(it runs in the cluster, or on a node). The API server's Pod proxy would not do: it strips the
+Authorization header OpenCode needs. Readiness is codestation's own probe, as for the other
+runtimes: a probe in the Pod's spec would have to carry the password.
+
+Pods are labelled with the session id and a hash of the service's data directory, which is how
+they are found again after a restart. A watch of those Pods (`ended`) tells the manager at once
+when one ends; `poll` reads the Pod and says why: its container's end (OOMKilled; an exit code),
+an eviction, a deletion, a lost node.
+
+The official client is synchronous; calls run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import urllib3.exceptions
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes import watch
+from kubernetes.client.exceptions import ApiException
+
+from codestation import agent
+from codestation.config import EnvironmentProfile, KubernetesStorage, Limits, Settings, size_bytes
+from codestation.errors import RuntimeUnavailable, StartFailed
+from codestation.image import image_tag
+from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State, pumped
+from codestation.workspaces import Workspace
+
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+LABEL_SESSION = "codestation.dev/session"
+LABEL_SERVICE = "codestation.dev/service"
+CONTAINER = "opencode"
+# How long `start` waits for the Pod to be given an IP (scheduled, its sandbox made).
+PLACED_TIMEOUT = 60.0
+# How long after its grace period a deleted Pod may take to go.
+GONE_TIMEOUT = 30.0
+# Transport failures of the client: the API server is unreachable or went away.
+UNREACHABLE = (urllib3.exceptions.HTTPError, OSError)
+
+T = TypeVar("T")
+
+
+def object_name(session_id: str) -> str:
+    """The session's Pod and Secret."""
+    return f"codestation-{session_id}"
+
+
+class KubernetesRuntime(Runtime):
+    name = "kubernetes"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._core: k8s.CoreV1Api | None = None
+        self.namespace = settings.kubernetes_namespace
+        # Pods of this service only: two services (data directories) may share a namespace.
+        self.service = hashlib.sha256(str(settings.data_dir).encode()).hexdigest()[:16]
+        self.selector = f"{LABEL_MANAGED}=codestation,{LABEL_SERVICE}={self.service}"
+
+    @property
+    def core(self) -> k8s.CoreV1Api:
+        if self._core is None:
+            self._core = k8s.CoreV1Api(self._api_client())
+        return self._core
+
+    def _api_client(self) -> k8s.ApiClient:
+        if self.settings.kubernetes_config is not None:
+            return k8s_config.new_client_from_config(
+                config_file=str(self.settings.kubernetes_config)
+            )
+        configuration = k8s.Configuration()
+        try:
+            k8s_config.load_incluster_config(client_configuration=configuration)
+        except k8s_config.ConfigException:
+            return k8s_config.new_client_from_config()  # $KUBECONFIG, else ~/.kube/config
+        return k8s.ApiClient(configuration)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in a worker thread; a cluster that cannot be reached or is
+        not configured is RuntimeUnavailable, whatever call met it."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except k8s_config.ConfigException as exc:
+            raise RuntimeUnavailable(f"no cluster for the kubernetes runtime: {exc}") from exc
+        except UNREACHABLE as exc:
+            raise RuntimeUnavailable(f"the cluster's API server does not answer: {exc}") from exc
+
+    def inside_port(self, port: int) -> int:
+        return agent.CONTAINER_PORT
+
+    def address(self, port: int, state: State) -> tuple[str, int]:
+        return (str(state.get("ip", "")), agent.CONTAINER_PORT)
+
+    def url(self, port: int, state: State) -> str:
+        host, inside = self.address(port, state)
+        return f"http://{f'[{host}]' if ':' in host else host}:{inside}"
+
+    def enforced(self, limits: Limits) -> dict[str, Any]:
+        return {k: v for k, v in limits.model_dump().items() if v is not None and k != "pids"}
+
+    async def check(self) -> None:
+        try:
+            await self._call(self._list_one)
+        except ApiException as exc:
+            raise RuntimeUnavailable(
+                f"the cluster refused to list Pods in namespace {self.namespace} "
+                f"({exc.status} {exc.reason}); give codestation's account the Pods, Secrets "
+                "and pods/log rights there (deploy/kubernetes has them)."
+            ) from exc
+
+    def _list_one(self) -> None:
+        try:
+            core = self.core
+        except k8s_config.ConfigException as exc:
+            raise RuntimeUnavailable(
+                f"no cluster to run sessions in ({exc}): set kubernetes_config to a kubeconfig, "
+                "or run codestation in the cluster."
+            ) from exc
+        core.list_namespaced_pod(self.namespace, limit=1, _request_timeout=10)
+
+    def image_for(self, profile: EnvironmentProfile) -> str:
+        return profile.image or image_tag(self.settings)
+
+    async def prepare(self, profile: EnvironmentProfile, report: Report) -> None:
+        # The nodes pull the image themselves (or have it: `scripts/kubernetes.sh` loads it).
+        await asyncio.to_thread(self.image_for, profile)
+
+    async def start(self, spec: LaunchSpec) -> State:
+        if spec.workspace is None:
+            raise StartFailed("the kubernetes runtime starts no sandboxes ahead of need")
+        return await self._call(self._start, spec, spec.workspace)
+
+    def _start(self, spec: LaunchSpec, workspace: Workspace) -> State:
+        name = object_name(spec.session_id)
+        labels = {
+            LABEL_MANAGED: "codestation",
+            LABEL_SERVICE: self.service,
+            LABEL_SESSION: spec.session_id,
+        }
+        storage = spec.profile.kubernetes
+        volumes, mounts, guarded = self._workspace(storage, workspace)
+        tmp = k8s.V1EmptyDirVolumeSource(
+            medium="Memory" if spec.limits.tmp else None,
+            size_limit=str(size_bytes(spec.limits.tmp)) if spec.limits.tmp else None,
+        )
+        volumes.append(k8s.V1Volume(name="tmp", empty_dir=tmp))
+        mounts.insert(0, k8s.V1VolumeMount(name="tmp", mount_path="/tmp"))
+        if storage.volume == "hostPath":
+            # OpenCode's configuration, made once on this host (`agent.opencode_config`).
+            config = str(agent.opencode_config(self.settings))
+            volumes.append(_host_path("opencode-config", config, "Directory"))
+            mounts.append(
+                k8s.V1VolumeMount(
+                    name="opencode-config", mount_path=agent.CONFIG_INSIDE, read_only=True
+                )
+            )
+        secret = k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name=name, labels=labels),
+            type="Opaque",
+            data={k: base64.b64encode(v.encode()).decode() for k, v in spec.env.items()},
+        )
+        container = k8s.V1Container(
+            name=CONTAINER,
+            image=self.image_for(spec.profile),
+            image_pull_policy="IfNotPresent",
+            command=agent.serve_command(
+                "0.0.0.0", agent.CONTAINER_PORT, workspace if guarded else None
+            ),
+            working_dir="/workspace",
+            env=[k8s.V1EnvVar(name="HOME", value="/tmp")],
+            env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name))],
+            ports=[k8s.V1ContainerPort(container_port=agent.CONTAINER_PORT, name="opencode")],
+            resources=_resources(spec.limits),
+            security_context=k8s.V1SecurityContext(
+                run_as_user=spec.uid,
+                run_as_group=spec.gid,
+                allow_privilege_escalation=False,
+                privileged=False,
+                read_only_root_filesystem=True,
+                capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            ),
+            volume_mounts=mounts,
+        )
+        pod = k8s.V1Pod(
+            metadata=k8s.V1ObjectMeta(name=name, labels=labels),
+            spec=k8s.V1PodSpec(
+                containers=[container],
+                volumes=volumes,
+                restart_policy="Never",  # a session whose agent ended has failed
+                automount_service_account_token=False,
+                enable_service_links=False,
+                # The pause container is then pid 1 (it reaps, as Docker's init does) and
+                # OpenCode gets SIGTERM as any process does: pid 1 would ignore it.
+                share_process_namespace=True,
+                termination_grace_period_seconds=int(self.settings.stop_timeout),
+            ),
+        )
+        try:
+            self.core.create_namespaced_secret(self.namespace, secret)
+            self.core.create_namespaced_pod(self.namespace, pod)
+            ip = self._placed(name)
+        except (ApiException, *UNREACHABLE) as exc:
+            self._delete(name, grace=0)
+            reason = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
+            raise StartFailed(f"Kubernetes could not start the session's Pod: {reason}") from exc
+        except StartFailed:
+            self._delete(name, grace=0)
+            raise
+        return {"pod": name, "namespace": self.namespace, "ip": ip}
+
+    def _workspace(
+        self, storage: KubernetesStorage, workspace: Workspace
+    ) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount], bool]:
+        """The volumes and mounts that put `workspace` (and its pinned paths) at /workspace,
+        and whether the guard can check them by device and inode (only where the node's file
+        system is this machine's)."""
+        if storage.volume == "hostPath":
+            volumes = [_host_path("workspace", workspace.current_path, "Directory")]
+            mounts = [k8s.V1VolumeMount(name="workspace", mount_path="/workspace")]
+            for i, pin in enumerate(workspace.pinned):
+                kind = "Directory" if Path(pin.current_path).is_dir() else "File"
+                volumes.append(_host_path(f"pin-{i}", pin.current_path, kind))
+                mounts.append(
+                    k8s.V1VolumeMount(
+                        name=f"pin-{i}",
+                        mount_path=f"/workspace/{pin.relative}",
+                        read_only=pin.read_only,
+                    )
+                )
+            return volumes, mounts, True
+        assert storage.root is not None  # KubernetesStorage checks both
+        assert storage.claim is not None
+        where = Path(workspace.current_path)
+        if not where.is_relative_to(storage.root) or where == storage.root:
+            raise StartFailed(
+                f"workspace {where} is not inside {storage.root}, where this environment's "
+                f"claim {storage.claim} is mounted: start sessions on directories beneath it"
+            )
+        claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=storage.claim)
+        volumes = [k8s.V1Volume(name="workspace", persistent_volume_claim=claim)]
+        sub = str(where.relative_to(storage.root))
+        mounts = [k8s.V1VolumeMount(name="workspace", mount_path="/workspace", sub_path=sub)]
+        for pin in workspace.pinned:
+            mounts.append(
+                k8s.V1VolumeMount(
+                    name="workspace",
+                    mount_path=f"/workspace/{pin.relative}",
+                    sub_path=f"{sub}/{pin.relative}",
+                    read_only=pin.read_only,
+                )
+            )
+        return volumes, mounts, False
+
+    def _placed(self, name: str) -> str:
+        """The Pod's IP once it has one; StartFailed if it ends or never gets one."""
+        watcher = watch.Watch()
+        try:
+            for event in watcher.stream(
+                self.core.list_namespaced_pod,
+                self.namespace,
+                field_selector=f"metadata.name={name}",
+                timeout_seconds=int(PLACED_TIMEOUT),
+            ):
+                pod: k8s.V1Pod = event["object"]
+                ended = why_ended(pod) if event["type"] != "DELETED" else "its Pod was deleted"
+                if ended:
+                    raise StartFailed(f"the session's Pod ended before OpenCode served: {ended}")
+                if pod.status is not None and pod.status.pod_ip:
+                    return str(pod.status.pod_ip)
+                waiting = why_stuck(pod)
+                if waiting:
+                    raise StartFailed(f"the session's Pod cannot start: {waiting}")
+        finally:
+            watcher.stop()
+        raise StartFailed(
+            f"the session's Pod was given no address within {PLACED_TIMEOUT:.0f} s "
+            "(no node could take it?)"
+        )
+
+    def _delete(self, name: str, grace: int) -> None:
+        for delete in (self.core.delete_namespaced_pod, self.core.delete_namespaced_secret):
+            try:
+                delete(name, self.namespace, grace_period_seconds=grace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+    def _pod(self, session_id: str) -> k8s.V1Pod | None:
+        try:
+            return self.core.read_namespaced_pod(object_name(session_id), self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def poll(self, session_id: str, state: State) -> Exit | None:
+        pod = await self._call(self._pod, session_id)
+        if pod is None:
+            return Exit(reason="its Pod is gone")
+        ended = why_ended(pod)
+        if ended is None:
+            waiting = why_stuck(pod)  # it would wait for ever: a missing image, a bad spec
+            return Exit(reason=f"its container cannot start: {waiting}") if waiting else None
+        code, oom = _exit_code(pod)
+        return Exit(reason=ended, code=code, oom_killed=oom)
+
+    async def stop(self, session_id: str, state: State, grace: float) -> str:
+        return await self._call(self._stop, session_id, grace)
+
+    def _stop(self, session_id: str, grace: float) -> str:
+        tail = self._tail(session_id, self.settings.log_tail_lines)
+        self._delete(object_name(session_id), grace=int(max(grace, 0)))
+        # Stopped means the agent no longer runs: wait for the kubelet to have ended it.
+        deadline = time.monotonic() + max(grace, 0) + GONE_TIMEOUT
+        while self._pod(session_id) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeUnavailable(
+                    f"the session's Pod is still there {grace + GONE_TIMEOUT:.0f} s after it "
+                    "was deleted (its node is unreachable?)"
+                )
+            time.sleep(0.2)
+        return tail
+
+    def _tail(self, session_id: str, lines: int) -> str:
+        try:
+            text = self.core.read_namespaced_pod_log(
+                object_name(session_id), self.namespace, container=CONTAINER, tail_lines=lines
+            )
+        except ApiException:  # gone, or never started a container
+            return ""
+        return str(text)
+
+    async def logs(self, session_id: str, state: State, tail: int) -> str:
+        return await self._call(self._tail, session_id, tail)
+
+    async def follow(self, session_id: str, state: State, tail: int) -> AsyncIterator[bytes]:
+        try:
+            stream = await self._call(
+                self.core.read_namespaced_pod_log,
+                object_name(session_id),
+                self.namespace,
+                container=CONTAINER,
+                tail_lines=tail,
+                follow=True,
+                _preload_content=False,
+            )
+        except ApiException:
+            return
+        async for chunk in pumped(_Chunks(stream), f"logs-{session_id}"):
+            yield chunk
+
+    async def ended(self) -> AsyncIterator[str]:
+        try:
+            core = self.core
+        except k8s_config.ConfigException:
+            await asyncio.sleep(30)  # no cluster configured here: nothing to follow yet
+            return
+        events = _PodEvents(core, self.namespace, self.selector)
+        async for pod in pumped(events, "kubernetes-events"):
+            labels = (pod.metadata.labels or {}) if pod.metadata else {}
+            session_id = labels.get(LABEL_SESSION)
+            if session_id and why_ended(pod):
+                yield session_id
+
+    async def running_sessions(self) -> set[str]:
+        pods = await self._call(
+            self.core.list_namespaced_pod, self.namespace, label_selector=self.selector
+        )
+        return {
+            p.metadata.labels[LABEL_SESSION]
+            for p in pods.items
+            if p.metadata and p.metadata.labels and LABEL_SESSION in p.metadata.labels
+        }
+
+    async def close(self) -> None:
+        if self._core is not None:
+            self._core.api_client.close()
+
+
+def _host_path(name: str, path: str, kind: str) -> k8s.V1Volume:
+    # A type, never "": with none, the kubelet makes a missing path as an empty directory.
+    return k8s.V1Volume(name=name, host_path=k8s.V1HostPathVolumeSource(path=path, type=kind))
+
+
+def _resources(limits: Limits) -> k8s.V1ResourceRequirements:
+    wanted: dict[str, str] = {}
+    if limits.memory is not None:
+        wanted["memory"] = str(size_bytes(limits.memory))
+    if limits.cpus is not None:
+        wanted["cpu"] = f"{int(limits.cpus * 1000)}m"
+    return k8s.V1ResourceRequirements(limits=wanted or None, requests=wanted or None)
+
+
+def why_ended(pod: k8s.V1Pod) -> str | None:
+    """Why the Pod's agent is no longer running, or None while it runs (or is starting)."""
+    if pod.metadata is not None and pod.metadata.deletion_timestamp is not None:
+        return "its Pod is being deleted (not by codestation)"
+    status = pod.status
+    if status is None:
+        return None
+    if status.reason in ("Evicted", "NodeLost", "Shutdown", "Terminated"):
+        return f"its Pod was {status.reason.lower()}: {status.message or status.reason}"
+    for container in status.container_statuses or []:
+        done = container.state.terminated if container.state else None
+        if done is not None:
+            why = done.reason or "Error"
+            if why == "OOMKilled":
+                return (
+                    f"OpenCode was killed for want of memory (OOMKilled, status {done.exit_code})"
+                )
+            detail = f": {done.message.strip()}" if done.message else ""
+            return f"OpenCode exited with status {done.exit_code} ({why}){detail}"
+    if status.phase in ("Failed", "Succeeded"):
+        return f"its Pod is {status.phase}: {status.message or status.reason or 'no reason given'}"
+    if status.phase == "Unknown":
+        return "its node stopped reporting on it (the node is lost?)"
+    return None
+
+
+def why_stuck(pod: k8s.V1Pod) -> str | None:
+    """A reason the Pod's container will not start by itself (a missing image, bad config)."""
+    for container in (pod.status.container_statuses or []) if pod.status else []:
+        waiting = container.state.waiting if container.state else None
+        if waiting is not None and waiting.reason in (
+            "ErrImagePull",
+            "ImagePullBackOff",
+            "ErrImageNeverPull",
+            "InvalidImageName",
+            "CreateContainerConfigError",
+            "CreateContainerError",
+        ):
+            return f"{waiting.reason}: {waiting.message or ''}".strip()
+    return None
+
+
+def _exit_code(pod: k8s.V1Pod) -> tuple[int | None, bool]:
+    for container in (pod.status.container_statuses or []) if pod.status else []:
+        done = container.state.terminated if container.state else None
+        if done is not None:
+            return done.exit_code, done.reason == "OOMKilled"
+    return None, False
+
+
+class _Chunks:
+    """A followed log (a urllib3 response) as an iterator of byte chunks, closable."""
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.response.stream(4096, decode_content=False)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.response.release_conn()
+        self.response.close()
+
+
+class _PodEvents:
+    """Every change to this service's Pods, from a watch that is made again when it ends
+    (the API server ends watches after a while); closable from another thread."""
+
+    def __init__(self, core: k8s.CoreV1Api, namespace: str, selector: str) -> None:
+        self.core, self.namespace, self.selector = core, namespace, selector
+        self.watcher = watch.Watch()
+        self.closed = False
+
+    def __iter__(self) -> Iterator[k8s.V1Pod]:
+        while not self.closed:
+            try:
+                for event in self.watcher.stream(
+                    self.core.list_namespaced_pod,
+                    self.namespace,
+                    label_selector=self.selector,
+                    timeout_seconds=300,
+                ):
+                    yield event["object"]
+            except (ApiException, *UNREACHABLE):
+                if self.closed:
+                    return
+                time.sleep(2)  # the API server is away: the manager's polls are the backstop
+
+    def close(self) -> None:
+        self.closed = True
+        self.watcher.stop()

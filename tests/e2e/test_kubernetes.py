@@ -1,0 +1,314 @@
+"""The kubernetes runtime on a real single-node cluster (`scripts/kubernetes.sh`: Kubernetes
+1.20.2 built from Debian's source, a kubelet with a dockerd of its own).
+
+The module starts the cluster unless it runs already, loads the sandbox image into its node, and
+stops it after if it started it. Each test's service has a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from codestation import SessionInfo, Settings, Status
+from codestation.image import ensure_image
+from codestation.runtimes.kubernetes import object_name
+from tests.e2e.conftest import Service, ServiceFactory
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "kubernetes.sh"
+NODE_DOCKER = "unix:///var/lib/codestation-kube/run/docker.sock"
+
+
+class Cluster:
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.core = k8s.CoreV1Api(k8s_config.new_client_from_config(config_file=str(kubeconfig)))
+        self.node = docker.DockerClient(base_url=NODE_DOCKER)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    image = ensure_image(docker.from_env(), Settings(), print)
+    running = subprocess.run(["bash", str(SCRIPT), "kubectl", "get", "--raw", "/readyz"],
+                             capture_output=True)  # fmt: skip
+    started = subprocess.run(
+        ["bash", str(SCRIPT), "start", image], capture_output=True, text=True, timeout=1200
+    )
+    assert started.returncode == 0, started.stderr
+    kubeconfig = Path(started.stdout.strip().splitlines()[-1])
+    yield Cluster(kubeconfig)
+    if running.returncode != 0:  # it was not running before this module: leave it so
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=300)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"cs-test-{secrets.token_hex(4)}"
+    cluster.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    yield name
+    left = [p.metadata.name for p in cluster.core.list_namespaced_pod(name).items]
+    left += [s.metadata.name for s in cluster.core.list_namespaced_secret(name).items
+             if s.metadata.name.startswith("codestation-")]  # fmt: skip
+    cluster.core.delete_namespace(name, grace_period_seconds=0)
+    assert not left, f"left behind: {left}"
+
+
+@pytest.fixture
+def k8s_service(cluster: Cluster, namespace: str, launch_service: ServiceFactory) -> Service:
+    # After the namespace, so its sessions are stopped before the namespace is checked.
+    return launch_service(
+        runtime="kubernetes",
+        kubernetes_config=str(cluster.kubeconfig),
+        kubernetes_namespace=namespace,
+        limits=json.dumps({"memory": "768m", "cpus": 1.5, "pids": 512, "tmp": "64m"}),
+    )
+
+
+def opencode_container(cluster: Cluster, session: SessionInfo) -> Any:
+    """The session's OpenCode container, as the node's dockerd runs it."""
+    labels = [f"io.kubernetes.pod.name={object_name(session.id)}",
+              "io.kubernetes.container.name=opencode"]  # fmt: skip
+    [container] = cluster.node.containers.list(filters={"label": labels})
+    return container
+
+
+def running(service: Service, workspace: Path) -> SessionInfo:
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=180)
+    assert session.status is Status.RUNNING, session.error
+    return session
+
+
+def through_proxy(service: Service, session: SessionInfo, path: str) -> httpx.Response:
+    with service.http() as http:
+        return http.get(path, headers={"Host": f"{session.id}.localhost:{service.port}"})
+
+
+def failed_within(service: Service, session_id: str, seconds: float) -> SessionInfo:
+    deadline = time.monotonic() + seconds
+    while (session := service.client.get(session_id)).status is Status.RUNNING:
+        assert time.monotonic() < deadline, f"still running {seconds} s later"
+        time.sleep(0.1)
+    return session
+
+
+def gone(cluster: Cluster, namespace: str, name: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    for read in (cluster.core.read_namespaced_pod, cluster.core.read_namespaced_secret):
+        while True:
+            try:
+                read(name, namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    break
+                raise
+            assert time.monotonic() < deadline, f"{name} still there after {seconds} s"
+            time.sleep(0.2)
+
+
+def test_a_session_runs_in_a_pod_answers_through_the_proxy_and_stops_leaving_the_data(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    session = running(k8s_service, workspace)
+    pod = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+    assert session.url == f"http://{pod.status.pod_ip}:8080"
+
+    health = through_proxy(k8s_service, session, "/global/health")
+    assert health.status_code == 200, health.text
+    assert health.json()["healthy"] is True
+
+    (workspace / "made-on-the-host.txt").write_text("seen by the agent\n")
+    listed = through_proxy(k8s_service, session, "/file?path=.")
+    assert "made-on-the-host.txt" in {f["name"] for f in listed.json()}
+    content = through_proxy(k8s_service, session, "/file/content?path=made-on-the-host.txt")
+    assert content.json()["content"].strip() == "seen by the agent"
+
+    before = sorted(p.name for p in workspace.iterdir())
+    stopped = k8s_service.client.stop(session.id)
+    assert stopped.status is Status.STOPPED
+    gone(cluster, namespace, object_name(session.id))
+    assert sorted(p.name for p in workspace.iterdir()) == before
+    assert (workspace / "made-on-the-host.txt").read_text() == "seen by the agent\n"
+
+
+def test_the_password_is_in_the_secret_and_nowhere_in_the_pod(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    session = running(k8s_service, workspace)
+    name = object_name(session.id)
+    secret = cluster.core.read_namespaced_secret(name, namespace)
+    values = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+    assert values["OPENCODE_SERVER_PASSWORD"] == session.auth.password
+
+    pod = cluster.core.read_namespaced_pod(name, namespace)
+    spec: dict[str, Any] = cluster.core.api_client.sanitize_for_serialization(pod)
+    assert session.auth.password not in json.dumps(spec)
+    container = spec["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": name}}]
+    assert spec["spec"]["automountServiceAccountToken"] is False
+    assert spec["spec"]["restartPolicy"] == "Never"
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["runAsUser"] == workspace.stat().st_uid
+    assert spec["metadata"]["labels"]["codestation.dev/session"] == session.id
+
+
+def test_limits_reach_the_pods_container(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    session = running(k8s_service, workspace)
+    assert session.limits == {"memory": "768m", "cpus": 1.5, "tmp": "64m"}  # no pids: the node's
+    container = opencode_container(cluster, session)
+    host = container.attrs["HostConfig"]
+    assert host["Memory"] == 768 << 20
+    assert host["CpuQuota"] / host["CpuPeriod"] == 1.5
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"]
+    tmp = [m for m in container.attrs["Mounts"] if m["Destination"] == "/tmp"]
+    assert len(tmp) == 1
+
+
+def test_a_killed_container_fails_the_session_with_its_reason_within_seconds(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    session = running(k8s_service, workspace)
+    container = opencode_container(cluster, session)
+    container.kill()
+    failed = failed_within(k8s_service, session.id, 10)
+    assert failed.status is Status.FAILED
+    assert "exited with status 137" in (failed.error or "")
+    gone(cluster, namespace, object_name(session.id))
+
+
+def test_a_pod_deleted_by_someone_else_fails_the_session_within_seconds(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    session = running(k8s_service, workspace)
+    cluster.core.delete_namespaced_pod(object_name(session.id), namespace)
+    failed = failed_within(k8s_service, session.id, 10)
+    assert failed.status is Status.FAILED
+    assert "its Pod is being deleted" in (failed.error or "")
+    gone(cluster, namespace, object_name(session.id))
+
+
+def test_a_restarted_service_readopts_its_pods(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    session = running(k8s_service, workspace)
+    pod = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+    k8s_service.restart()
+    again = k8s_service.client.get(session.id)
+    assert again.status is Status.RUNNING
+    assert through_proxy(k8s_service, again, "/global/health").status_code == 200
+    same = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+    assert same.metadata.uid == pod.metadata.uid
+
+
+def test_an_image_no_node_has_fails_the_start_with_the_reason(
+    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path
+) -> None:
+    service = launch_service(
+        runtime="kubernetes",
+        kubernetes_config=str(cluster.kubeconfig),
+        kubernetes_namespace=namespace,
+        environments=json.dumps({"default": {"image": "codestation-nowhere:1"}}),
+    )
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
+    assert session.status is Status.FAILED
+    assert "ImagePull" in (session.error or ""), session.error
+    gone(cluster, namespace, object_name(session.id))
+
+
+def test_a_workspace_on_a_shared_claim_is_the_agents_through_its_subpath(
+    cluster: Cluster, namespace: str, launch_service: ServiceFactory, tmp_path: Path
+) -> None:
+    # A volume of many workspaces, as a team's ReadWriteMany claim would be; here a hostPath
+    # PersistentVolume (the one node), which codestation sees at `root`.
+    root = tmp_path / "workspaces"
+    (root / "alice" / "project").mkdir(parents=True)
+    (root / "alice" / "project" / "notes.md").write_text("on the claim\n")
+    (root / "bob").mkdir()
+    (root / "bob" / "secret.txt").write_text("not alice's\n")
+    volume = f"{namespace}-workspaces"
+    cluster.core.create_persistent_volume(
+        k8s.V1PersistentVolume(
+            metadata=k8s.V1ObjectMeta(name=volume),
+            spec=k8s.V1PersistentVolumeSpec(
+                capacity={"storage": "1Gi"},
+                access_modes=["ReadWriteMany"],
+                host_path=k8s.V1HostPathVolumeSource(path=str(root), type="Directory"),
+                storage_class_name="",
+                claim_ref=k8s.V1ObjectReference(namespace=namespace, name="workspaces"),
+            ),
+        )
+    )
+    try:
+        cluster.core.create_namespaced_persistent_volume_claim(
+            namespace,
+            k8s.V1PersistentVolumeClaim(
+                metadata=k8s.V1ObjectMeta(name="workspaces"),
+                spec=k8s.V1PersistentVolumeClaimSpec(
+                    access_modes=["ReadWriteMany"],
+                    resources=k8s.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
+                    storage_class_name="",
+                    volume_name=volume,
+                ),
+            ),
+        )
+        storage = {"volume": "claim", "claim": "workspaces", "root": str(root)}
+        service = launch_service(
+            runtime="kubernetes",
+            kubernetes_config=str(cluster.kubeconfig),
+            kubernetes_namespace=namespace,
+            environments=json.dumps({"default": {"kubernetes": storage}}),
+        )
+        session = running(service, root / "alice" / "project")
+        pod = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+        [mount] = [m for m in pod.spec.containers[0].volume_mounts if m.mount_path == "/workspace"]
+        assert mount.sub_path == "alice/project"
+        listed = through_proxy(service, session, "/file?path=.")
+        assert {f["name"] for f in listed.json()} == {"notes.md"}
+        outside = through_proxy(service, session, "/file/content?path=../../bob/secret.txt")
+        assert "not alice's" not in outside.text
+
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        refused = service.client.wait(service.client.start(str(elsewhere), wait=False).id)
+        assert refused.status is Status.FAILED
+        assert f"is not inside {root}" in (refused.error or "")
+        service.client.stop(session.id)
+        assert (root / "alice" / "project" / "notes.md").read_text() == "on the claim\n"
+    finally:
+        with contextlib.suppress(ApiException):
+            cluster.core.delete_namespaced_persistent_volume_claim("workspaces", namespace)
+        cluster.core.delete_persistent_volume(volume)
+
+
+def test_an_agent_out_of_memory_fails_saying_so(
+    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path
+) -> None:
+    service = launch_service(
+        runtime="kubernetes",
+        kubernetes_config=str(cluster.kubeconfig),
+        kubernetes_namespace=namespace,
+        limits=json.dumps({"memory": "48m", "tmp": "8m"}),  # OpenCode needs far more to boot
+    )
+    session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
+    assert session.status is Status.FAILED
+    assert "OOMKilled" in (session.error or ""), session.error
+    gone(cluster, namespace, object_name(session.id))
