@@ -312,3 +312,55 @@ def test_an_agent_out_of_memory_fails_saying_so(
     assert session.status is Status.FAILED
     assert "OOMKilled" in (session.error or ""), session.error
     gone(cluster, namespace, object_name(session.id))
+
+
+def test_each_environments_network_becomes_a_network_policy_selecting_its_pods(
+    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path
+) -> None:
+    # The test cluster has no network plugin: the policies are made and select the Pods, but
+    # nothing here enforces them (the README says so).
+    service = launch_service(
+        runtime="kubernetes",
+        kubernetes_config=str(cluster.kubeconfig),
+        kubernetes_namespace=namespace,
+        environments=json.dumps(
+            {
+                "default": {"network": "egress", "allow": ["10.1.2.3/32"]},
+                "sealed": {"network": "none"},
+                "open": {"network": "full"},
+            }
+        ),
+    )
+    networking = k8s.NetworkingV1Api(cluster.core.api_client)
+    policies: dict[str, dict[str, Any]] = {}
+    for environment in ("default", "sealed", "open"):
+        started = service.client.start(str(workspace), environment, wait=False)
+        session = service.client.wait(started.id, timeout=180)
+        assert session.status is Status.RUNNING, session.error
+        pod = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+        selecting = [
+            p
+            for p in networking.list_namespaced_network_policy(namespace).items
+            if p.spec.pod_selector.match_labels.items() <= (pod.metadata.labels or {}).items()
+        ]
+        if environment == "open":
+            assert selecting == []
+        else:
+            [policy] = selecting
+            policies[environment] = cluster.core.api_client.sanitize_for_serialization(policy)
+        service.client.stop(session.id)
+
+    egress = policies["default"]["spec"]
+    assert egress["policyTypes"] == ["Ingress", "Egress"]
+    assert egress["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    blocks = [peer["ipBlock"] for peer in egress["egress"][0]["to"]]
+    v4 = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
+    assert {"10.0.0.0/8", "169.254.0.0/16", "127.0.0.0/8"} <= set(v4["except"])
+    assert {"cidr": "10.1.2.3/32"} in blocks
+    assert egress["egress"][1]["ports"] == [
+        {"port": 53, "protocol": "UDP"},
+        {"port": 53, "protocol": "TCP"},
+    ]
+    sealed = policies["sealed"]["spec"]
+    assert sealed["policyTypes"] == ["Ingress", "Egress"]
+    assert sealed.get("egress") in (None, [])

@@ -31,6 +31,8 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import ipaddress
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -42,7 +44,7 @@ from kubernetes import config as k8s_config
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
-from codestation import agent
+from codestation import agent, network
 from codestation.config import EnvironmentProfile, KubernetesStorage, Limits, Settings, size_bytes
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.image import image_tag
@@ -52,6 +54,7 @@ from codestation.workspaces import Workspace
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 LABEL_SESSION = "codestation.dev/session"
 LABEL_SERVICE = "codestation.dev/service"
+LABEL_NETWORK = "codestation.dev/network"
 CONTAINER = "opencode"
 # How long `start` waits for the Pod to be given an IP (scheduled, its sandbox made).
 PLACED_TIMEOUT = 60.0
@@ -84,6 +87,10 @@ class KubernetesRuntime(Runtime):
         if self._core is None:
             self._core = k8s.CoreV1Api(self._api_client())
         return self._core
+
+    @property
+    def networking(self) -> k8s.NetworkingV1Api:
+        return k8s.NetworkingV1Api(self.core.api_client)
 
     def _api_client(self) -> k8s.ApiClient:
         if self.settings.kubernetes_config is not None:
@@ -160,6 +167,9 @@ class KubernetesRuntime(Runtime):
             LABEL_SESSION: spec.session_id,
         }
         storage = spec.profile.kubernetes
+        policy = network_policy(spec.profile, self.service)
+        if policy is not None and policy.spec is not None:
+            labels.update(policy.spec.pod_selector.match_labels or {})
         volumes, mounts, guarded = self._workspace(storage, workspace)
         tmp = k8s.V1EmptyDirVolumeSource(
             medium="Memory" if spec.limits.tmp else None,
@@ -218,17 +228,27 @@ class KubernetesRuntime(Runtime):
             ),
         )
         try:
+            if policy is not None:
+                self._ensure_policy(policy)
             self.core.create_namespaced_secret(self.namespace, secret)
             self.core.create_namespaced_pod(self.namespace, pod)
             ip = self._placed(name)
         except (ApiException, *UNREACHABLE) as exc:
             self._delete(name, grace=0)
-            reason = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
+            reason = _api_message(exc) if isinstance(exc, ApiException) else str(exc)
             raise StartFailed(f"Kubernetes could not start the session's Pod: {reason}") from exc
         except StartFailed:
             self._delete(name, grace=0)
             raise
         return {"pod": name, "namespace": self.namespace, "ip": ip}
+
+    def _ensure_policy(self, policy: k8s.V1NetworkPolicy) -> None:
+        """The environment's policy, made once: its name is a hash of what it says."""
+        try:
+            self.networking.create_namespaced_network_policy(self.namespace, policy)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: made already, by this start or an earlier one
+                raise
 
     def _workspace(
         self, storage: KubernetesStorage, workspace: Workspace
@@ -397,6 +417,83 @@ class KubernetesRuntime(Runtime):
     async def close(self) -> None:
         if self._core is not None:
             self._core.api_client.close()
+
+
+def network_policy(profile: EnvironmentProfile, service: str) -> k8s.V1NetworkPolicy | None:
+    """The NetworkPolicy that says, for the cluster's network plugin to enforce, what
+    `profile.network` allows (`network.py`): `none`, nothing out; `egress`, anywhere but
+    private, link-local and other reserved ranges (the cluster's Pods and nodes among them),
+    except the environment's `allow` list, and DNS; `full`, no policy. In, only OpenCode's
+    port, for codestation. Pods carry its name's hash as a label, which it selects."""
+    if profile.network == "full":
+        return None
+    allow = sorted(str(n) for n in profile.allow)
+    key = hashlib.sha256(json.dumps([service, profile.network, allow]).encode()).hexdigest()
+    selector = {LABEL_NETWORK: key[:16]}
+    inbound = [
+        k8s.V1NetworkPolicyIngressRule(
+            ports=[k8s.V1NetworkPolicyPort(port=agent.CONTAINER_PORT, protocol="TCP")]
+        )
+    ]
+    outbound: list[k8s.V1NetworkPolicyEgressRule] = []
+    if profile.network == "egress":
+        everywhere = [
+            k8s.V1NetworkPolicyPeer(
+                # By its wire name: the client's constructor silently drops `var_except`,
+                # which would leave the block open to everything.
+                ip_block=k8s.V1IPBlock.model_validate(
+                    {
+                        "cidr": cidr,
+                        "except": [str(n) for n in _blocked(version)],
+                    }
+                )
+            )
+            for cidr, version in (("0.0.0.0/0", 4), ("::/0", 6))
+        ]
+        allowed = [k8s.V1NetworkPolicyPeer(ip_block=k8s.V1IPBlock(cidr=n)) for n in allow]
+        dns = [
+            k8s.V1NetworkPolicyPort(port=53, protocol="UDP"),
+            k8s.V1NetworkPolicyPort(port=53, protocol="TCP"),
+        ]
+        outbound = [
+            k8s.V1NetworkPolicyEgressRule(to=everywhere + allowed),
+            k8s.V1NetworkPolicyEgressRule(
+                to=[k8s.V1NetworkPolicyPeer(namespace_selector=k8s.V1LabelSelector())], ports=dns
+            ),
+        ]
+    return k8s.V1NetworkPolicy(
+        metadata=k8s.V1ObjectMeta(
+            name=f"codestation-{profile.network}-{key[:16]}",
+            labels={LABEL_MANAGED: "codestation", LABEL_SERVICE: service, **selector},
+        ),
+        spec=k8s.V1NetworkPolicySpec(
+            pod_selector=k8s.V1LabelSelector(match_labels=selector),
+            policy_types=["Ingress", "Egress"],
+            ingress=inbound,
+            egress=outbound,
+        ),
+    )
+
+
+def _api_message(exc: ApiException) -> str:
+    """What the API server said, from its Status body where there is one."""
+    try:
+        said = json.loads(exc.body or "").get("message")
+    except (ValueError, AttributeError):
+        said = None
+    return f"{exc.status} {exc.reason}" + (f": {said}" if said else "")
+
+
+def _blocked(version: int) -> list[network.Network]:
+    """`network.BLOCKED` of one IP version. The API server reads an IPv4-mapped IPv6 range
+    as IPv4 (and refuses it under ::/0); such traffic is IPv4's, which its own block covers."""
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    return [
+        n
+        for n in network.BLOCKED
+        if n.version == version
+        and not (isinstance(n, ipaddress.IPv6Network) and n.subnet_of(mapped))
+    ]
 
 
 def _host_path(name: str, path: str, kind: str) -> k8s.V1Volume:
