@@ -526,9 +526,9 @@ class SessionManager:
             )
         # Even a launch cancelled before it began must let go of the directory.
         task.add_done_callback(lambda _: opened.close())
-        log.info("session %s of %s starting (%s) on port %d for %s",
-                 session.id, caller.user, session.started_from, session.port,
-                 opened.path)  # fmt: skip
+        log.info("session %s of %s starting (%s) in %s%s for %s",
+                 session.id, caller.user, session.started_from, runtime.name,
+                 f" on port {session.port}" if session.port else "", opened.path)  # fmt: skip
         if member is not None:
             await asyncio.wait({task}, timeout=CLAIM_WAIT)  # never cancels it
             return self._load(session.id)
@@ -565,7 +565,7 @@ class SessionManager:
         quota = Quota(
             per_owner=most, sessions=self.settings.max_live_sessions, memory=self.memory_budget
         )
-        memory = size_bytes(limits.memory) if limits.memory else 0
+        memory = size_bytes(limits.memory) if limits.memory and runtime.local else 0
         if memory > self.memory_budget:
             raise BadRequest(
                 f"environment {environment!r} asks for {limits.memory} of memory per session, "
@@ -595,6 +595,10 @@ class SessionManager:
             )
 
         try:
+            if member is None and not runtime.local:
+                session = new(0)  # no port of this host's: it runs elsewhere
+                self.store.create(session, quota)
+                return session
             if member is None:
                 return self.ports.lease(new, quota)
             session = new(member.port)

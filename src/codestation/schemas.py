@@ -67,7 +67,10 @@ class SessionInfo(BaseModel):
     agent: Literal["busy", "idle"] | None = Field(
         default=None, description="Whether the agent is working, as last seen; unset: unknown."
     )
-    port: int
+    port: int = Field(
+        description="The port OpenCode answers on at `url`: one of this host's range, or for "
+        "a Kubernetes session its Pod's."
+    )
     workspace: str
     environment: str
     created_at: datetime

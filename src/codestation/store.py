@@ -140,8 +140,8 @@ class Store:
             self._db.execute("COMMIT")
 
     def create(self, session: Session, quota: Quota | None = None) -> None:
-        """Record a new live session and lease its port, or raise PortTaken; or LimitReached
-        or Full if it does not fit in `quota`."""
+        """Record a new live session and lease its port (unless it has none: port 0), or raise
+        PortTaken; or LimitReached or Full if it does not fit in `quota`."""
         row = _to_row(session)
         quota = quota or Quota()
         with self._transaction() as db:
@@ -163,6 +163,8 @@ class Store:
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
                 row,
             )
+            if not session.port:  # a session running elsewhere holds no port of this host
+                return
             try:
                 db.execute(
                     "INSERT INTO port_leases (port, session_id) VALUES (?, ?)",

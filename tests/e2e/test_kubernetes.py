@@ -364,3 +364,26 @@ def test_each_environments_network_becomes_a_network_policy_selecting_its_pods(
     sealed = policies["sealed"]["spec"]
     assert sealed["policyTypes"] == ["Ingress", "Egress"]
     assert sealed.get("egress") in (None, [])
+
+
+def test_pods_take_no_port_of_the_host_and_none_of_its_memory_budget(
+    cluster: Cluster, namespace: str, launch_service: ServiceFactory, tmp_path: Path
+) -> None:
+    service = launch_service(
+        1,  # one port in the range, and a budget for one session: Pods need neither
+        runtime="kubernetes",
+        kubernetes_config=str(cluster.kubeconfig),
+        kubernetes_namespace=namespace,
+        limits=json.dumps({"memory": "768m", "cpus": 0.5}),  # two fit the 2-core node
+        memory_budget="1g",
+    )
+    sessions = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        sessions.append(running(service, tmp_path / name))
+    for session in sessions:
+        assert session.port == 8080
+        assert session.url is not None
+        assert session.url.endswith(":8080")
+        assert through_proxy(service, session, "/global/health").status_code == 200
+    assert service.client.stop_all() != []

@@ -17,6 +17,9 @@ Rules for each method:
 
 - `inside_port(port)`: the port OpenCode listens on inside the sandbox of a session published
   on `port` (what a terminal in the sandbox attaches to).
+- `local`: whether sessions run on this host. A local runtime's sessions each take a port of
+  the host's range (`spec.port`) and count against the host's memory budget; a remote one's
+  (Kubernetes) take neither, and `spec.port` is 0.
 - `address(port, state)`: the host and port codestation reaches the session's OpenCode at (its
   probes, the proxy, terminals, prompts). By default the port published on this host.
 - `url(port, state)`: where a client reaches OpenCode directly: the session's `url`.
@@ -109,6 +112,7 @@ class Exit:
 
 class Runtime(ABC):
     name: ClassVar[str]
+    local: ClassVar[bool] = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -73,6 +73,7 @@ def object_name(session_id: str) -> str:
 
 class KubernetesRuntime(Runtime):
     name = "kubernetes"
+    local = False  # the cluster places and bounds its Pods: no host port, no host memory
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -296,6 +297,7 @@ class KubernetesRuntime(Runtime):
     def _placed(self, name: str) -> str:
         """The Pod's IP once it has one; StartFailed if it ends or never gets one."""
         watcher = watch.Watch()
+        last: k8s.V1Pod | None = None
         try:
             for event in watcher.stream(
                 self.core.list_namespaced_pod,
@@ -304,19 +306,26 @@ class KubernetesRuntime(Runtime):
                 timeout_seconds=int(PLACED_TIMEOUT),
             ):
                 pod: k8s.V1Pod = event["object"]
+                last = pod
                 ended = why_ended(pod) if event["type"] != "DELETED" else "its Pod was deleted"
                 if ended:
                     raise StartFailed(f"the session's Pod ended before OpenCode served: {ended}")
                 if pod.status is not None and pod.status.pod_ip:
                     return str(pod.status.pod_ip)
-                waiting = why_stuck(pod)
-                if waiting:
-                    raise StartFailed(f"the session's Pod cannot start: {waiting}")
+                stuck = why_stuck(pod)
+                if stuck:
+                    raise StartFailed(f"the session's Pod cannot start: {stuck}")
         finally:
             watcher.stop()
+        unscheduled = [
+            c.message
+            for c in ((last.status.conditions or []) if last and last.status else [])
+            if c.type == "PodScheduled" and c.status == "False" and c.message
+        ]
         raise StartFailed(
-            f"the session's Pod was given no address within {PLACED_TIMEOUT:.0f} s "
-            "(no node could take it?)"
+            f"the session's Pod was given no address within {PLACED_TIMEOUT:.0f} s"
+            + (f": {unscheduled[0]}" if unscheduled else "")
+            + " (lower the environment's limits, or free room in the cluster)"
         )
 
     def _delete(self, name: str, grace: int) -> None:
