@@ -34,6 +34,14 @@ def test_the_store_refuses_a_second_live_session_on_a_port(store: Store) -> None
     assert [s.id for s in store.list()] == [first.id]
 
 
+def test_sessions_running_elsewhere_hold_no_port(store: Store) -> None:
+    first, second = make(0), make(0)  # Kubernetes: the cluster's Pods, no port of this host
+    store.create(first)
+    store.create(second)
+    assert {s.id for s in store.list()} == {first.id, second.id}
+    assert store.leased_ports() == {}
+
+
 def test_a_final_status_gives_the_port_back(store: Store) -> None:
     s = make(30001)
     store.create(s)
