@@ -8,6 +8,8 @@
 #                                 the images named loaded from the host's Docker engine;
 #                                 prints the kubeconfig's path (idempotent)
 #   scripts/kubernetes.sh load IMAGE...   more images into the node
+#   scripts/kubernetes.sh image           codestation's own image (deploy/Dockerfile), from this
+#                                         checkout, in the host's engine; prints its tag
 #   scripts/kubernetes.sh kubectl ARGS    kubectl, on this cluster
 #   scripts/kubernetes.sh stop    all of it, and what it left (containers, mounts, the bridge)
 #
@@ -26,6 +28,7 @@ NODE_IP=10.244.77.1
 SERVICE_RANGE=10.244.78.0/24
 NODE_NAME=codestation-node
 RUN=$KUBE_STATE/run
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DOCKER_SOCK=$RUN/docker.sock
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -110,6 +113,10 @@ start() {
   ip link add "$BRIDGE" type bridge
   ip addr add "$NODE_IP/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
+  # Pod to Pod across the bridge: the host's Docker sets FORWARD's policy to DROP, which
+  # bridged traffic meets where br_netfilter is loaded.
+  iptables -w -C FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null \
+    || iptables -w -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT
 
   # A dockerd of the node's own: the host's engine and its containers stay out of it. These
   # VMs cannot set a negative oom_score_adj (no CAP_SYS_RESOURCE), which the kubelet asks of
@@ -220,6 +227,25 @@ load_images() {
   done
 }
 
+# codestation's own image, on the base the sandbox image uses (Debian's, or the one made with
+# debootstrap where no registry answers).
+image() {
+  local base=debian:bookworm-slim tag=codestation:local context
+  docker image inspect "$base" >/dev/null 2>&1 || base=codestation-base:bookworm
+  context=$(mktemp -d /var/tmp/codestation-image.XXXXXX)
+  mkdir -p "$context/app/node_modules"
+  cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/src" "$context/app/"
+  cp -r "$ROOT/node_modules/@xterm" "$ROOT/node_modules/swagger-ui-dist" "$context/app/node_modules/"
+  find "$context/app" -name __pycache__ -prune -exec rm -rf {} +
+  say "fetching codestation's dependencies as wheels"
+  "$ROOT/.venv/bin/pip" wheel -q --wheel-dir "$context/wheels" "$context/app" hatchling editables
+  rm -f "$context"/wheels/codestation-*.whl
+  say "building $tag on $base"
+  docker build -q -f "$ROOT/deploy/Dockerfile" --build-arg "BASE=$base" -t "$tag" "$context" >/dev/null
+  rm -rf "$context"
+  echo "$tag"
+}
+
 stop() {
   # Order matters: with etcd gone first the API server hangs for about a minute.
   local name
@@ -246,6 +272,7 @@ stop() {
   done
   rm -rf "$KUBE_STATE/kubelet" "$KUBE_STATE/etcd" "$KUBE_STATE/dockershim" /var/log/pods /var/log/containers
   ip link del "$BRIDGE" 2>/dev/null || true
+  while iptables -w -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null; do :; done
   say "Kubernetes stopped"
 }
 
@@ -253,7 +280,8 @@ case "${1:-}" in
   build) build ;;
   start) shift; start "$@" ;;
   load) shift; load_images "$@" ;;
+  image) image ;;
   stop) stop ;;
   kubectl) shift; kctl "$@" ;;
-  *) echo "usage: $0 build | start [IMAGE...] | load IMAGE... | stop | kubectl ARGS" >&2; exit 2 ;;
+  *) echo "usage: $0 build | start [IMAGE...] | load IMAGE... | image | stop | kubectl ARGS" >&2; exit 2 ;;
 esac

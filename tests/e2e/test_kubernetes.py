@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -20,17 +21,20 @@ from typing import Any
 import docker
 import httpx
 import pytest
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from codestation import SessionInfo, Settings, Status
 from codestation.image import ensure_image
-from codestation.runtimes.kubernetes import object_name
+from codestation.runtimes.kubernetes import LABEL_MANAGED, object_name
 from tests.e2e.conftest import Service, ServiceFactory
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "kubernetes.sh"
+MANIFESTS = Path(__file__).parents[2] / "deploy" / "kubernetes"
 NODE_DOCKER = "unix:///var/lib/codestation-kube/run/docker.sock"
+NODE_IP = "10.244.77.1"  # scripts/kubernetes.sh: the node, where its API server listens
 
 
 class Cluster:
@@ -60,9 +64,16 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     name = f"cs-test-{secrets.token_hex(4)}"
     cluster.core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
     yield name
-    left = [p.metadata.name for p in cluster.core.list_namespaced_pod(name).items]
-    left += [s.metadata.name for s in cluster.core.list_namespaced_secret(name).items
-             if s.metadata.name.startswith("codestation-")]  # fmt: skip
+    # What codestation made for sessions (codestation's own Deployment is the test's).
+    managed = f"{LABEL_MANAGED}=codestation"
+    left = [
+        p.metadata.name
+        for p in cluster.core.list_namespaced_pod(name, label_selector=managed).items
+    ]
+    left += [
+        s.metadata.name
+        for s in cluster.core.list_namespaced_secret(name, label_selector=managed).items
+    ]
     cluster.core.delete_namespace(name, grace_period_seconds=0)
     assert not left, f"left behind: {left}"
 
@@ -387,3 +398,155 @@ def test_pods_take_no_port_of_the_host_and_none_of_its_memory_budget(
         assert session.url.endswith(":8080")
         assert through_proxy(service, session, "/global/health").status_code == 200
     assert service.client.stop_all() != []
+
+
+def described(namespace: str) -> str:
+    """What the cluster says of codestation's Pod: for a failure's message."""
+    said = []
+    for args in (
+        ["describe", "pod"],
+        ["logs", "--tail=40", "-l", "app.kubernetes.io/name=codestation"],
+    ):
+        shown = subprocess.run(
+            ["bash", str(SCRIPT), "kubectl", "-n", namespace, *args],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        said.append(shown.stdout[-4000:] + shown.stderr[-1000:])
+    return "\n".join(said)
+
+
+def hostpath_claim(cluster: Cluster, namespace: str, claim: str, path: Path, mode: str) -> str:
+    """A PersistentVolume on the node's `path`, bound to `claim` in `namespace`; its name."""
+    volume = f"{namespace}-{claim}"
+    cluster.core.create_persistent_volume(
+        k8s.V1PersistentVolume(
+            metadata=k8s.V1ObjectMeta(name=volume),
+            spec=k8s.V1PersistentVolumeSpec(
+                capacity={"storage": "1Gi"},
+                access_modes=[mode],
+                host_path=k8s.V1HostPathVolumeSource(path=str(path), type="Directory"),
+                storage_class_name="",
+                claim_ref=k8s.V1ObjectReference(namespace=namespace, name=claim),
+            ),
+        )
+    )
+    return volume
+
+
+def test_codestation_deployed_by_its_manifests_runs_sessions_in_the_cluster(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    built = subprocess.run(["bash", str(SCRIPT), "image"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    image = built.stdout.strip().splitlines()[-1]
+    loaded = subprocess.run(["bash", str(SCRIPT), "load", image], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    sandbox = ensure_image(docker.from_env(), Settings(), print)
+
+    # The storage a cluster's admin provides: the store's volume, and a claim of workspaces.
+    data, root = tmp_path / "data", tmp_path / "workspaces"
+    data.mkdir()
+    os.chown(data, 10001, 10001)  # codestation's uid in its image; a hostPath has no fsGroup
+    (root / "alice" / "project").mkdir(parents=True)
+    (root / "alice" / "project" / "plan.md").write_text("from the claim\n")
+    volumes = [
+        hostpath_claim(cluster, namespace, "codestation-data", data, "ReadWriteOnce"),
+        hostpath_claim(cluster, namespace, "workspaces", root, "ReadWriteMany"),
+    ]
+    cluster.core.create_namespaced_persistent_volume_claim(
+        namespace,
+        k8s.V1PersistentVolumeClaim(
+            metadata=k8s.V1ObjectMeta(name="workspaces"),
+            spec=k8s.V1PersistentVolumeClaimSpec(
+                access_modes=["ReadWriteMany"],
+                resources=k8s.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
+                storage_class_name="",
+                volume_name=volumes[1],
+            ),
+        ),
+    )
+    try:
+        # The manifests as kustomize builds them, in this test's namespace, with this
+        # machine's images and host names.
+        built_yaml = subprocess.run(
+            ["bash", str(SCRIPT), "kubectl", "kustomize", str(MANIFESTS)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        documents = [d for d in yaml.safe_load_all(built_yaml) if d]
+        for document in documents:
+            document["metadata"]["namespace"] = namespace
+            for subject in document.get("subjects", []):
+                subject["namespace"] = namespace
+            if document["kind"] == "ConfigMap":
+                config = document["data"]["config.toml"]
+                config = config.replace('"codestation-sandbox:1.18.33"', f'"{sandbox}"')
+                config = config.replace("https://codestation.example.com", "http://cs.test:8585")
+                document["data"]["config.toml"] = config.replace(
+                    'proxy_domain = "codestation.example.com"', 'proxy_domain = "cs.test"'
+                )
+            if document["kind"] == "PersistentVolumeClaim":
+                document["spec"]["storageClassName"] = ""
+                document["spec"]["volumeName"] = volumes[0]
+            if document["kind"] == "Deployment":
+                container = document["spec"]["template"]["spec"]["containers"][0]
+                container["image"] = image
+                # The test cluster runs no kube-proxy, so the API server's Service address
+                # leads nowhere: codestation is pointed at the API server itself.
+                container["env"] += [
+                    {"name": "KUBERNETES_SERVICE_HOST", "value": NODE_IP},
+                    {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"},
+                ]
+        applied = subprocess.run(
+            ["bash", str(SCRIPT), "kubectl", "apply", "-f", "-"],
+            input=yaml.safe_dump_all(documents), capture_output=True, text=True,
+        )  # fmt: skip
+        assert applied.returncode == 0, applied.stderr
+        ready = subprocess.run(
+            ["bash", str(SCRIPT), "kubectl", "-n", namespace, "rollout", "status",
+             "deployment/codestation", "--timeout=180s"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert ready.returncode == 0, ready.stdout + ready.stderr + described(namespace)
+
+        [pod] = cluster.core.list_namespaced_pod(
+            namespace, label_selector="app.kubernetes.io/name=codestation"
+        ).items
+        token = subprocess.run(
+            ["bash", str(SCRIPT), "kubectl", "-n", namespace, "exec", str(pod.metadata.name), "--",
+             "cat", "/var/lib/codestation/token"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        api = f"http://{pod.status.pod_ip}:8585"
+        headers = {"Host": "cs.test:8585", "Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=api, headers=headers, timeout=60) as http:
+            started = http.post(
+                "/api/v1/code/start", json={"workspace": "/srv/workspaces/alice/project"}
+            )
+            assert started.status_code == 202, started.text
+            session_id = started.json()["id"]
+            deadline = time.monotonic() + 180
+            while (session := http.get(f"/api/v1/code/session/{session_id}").json())[
+                "status"
+            ] == "starting":
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+            assert session["status"] == "running", session["error"]
+            assert session["runtime"] == "kubernetes"
+            listed = http.get("/file?path=.", headers={"Host": f"{session_id}.cs.test:8585"})
+            assert listed.status_code == 200, listed.text
+            assert {f["name"] for f in listed.json()} == {"plan.md"}
+            stopped = http.post(f"/api/v1/code/session/{session_id}/stop")
+            assert stopped.status_code == 200, stopped.text
+        gone(cluster, namespace, object_name(session_id))
+        assert (root / "alice" / "project" / "plan.md").read_text() == "from the claim\n"
+    finally:
+        subprocess.run(
+            ["bash", str(SCRIPT), "kubectl", "-n", namespace, "delete", "deployment",
+             "codestation", "--wait=true", "--timeout=60s"],
+            capture_output=True,
+        )  # fmt: skip
+        for claim in ("workspaces", "codestation-data"):
+            with contextlib.suppress(ApiException):
+                cluster.core.delete_namespaced_persistent_volume_claim(claim, namespace)
+        for volume in volumes:
+            cluster.core.delete_persistent_volume(volume)
