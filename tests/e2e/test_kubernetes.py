@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from codestation import SessionInfo, Settings, Status
 from codestation.image import ensure_image
 from codestation.runtimes.kubernetes import LABEL_MANAGED, object_name
 from tests.e2e.conftest import Service, ServiceFactory
+from tests.e2e.test_survival import store
+from tests.e2e.test_terminal import open_terminal, read_until
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "kubernetes.sh"
 MANIFESTS = Path(__file__).parents[2] / "deploy" / "kubernetes"
@@ -550,3 +553,50 @@ def test_codestation_deployed_by_its_manifests_runs_sessions_in_the_cluster(
                 cluster.core.delete_namespaced_persistent_volume_claim(claim, namespace)
         for volume in volumes:
             cluster.core.delete_persistent_volume(volume)
+
+
+def test_a_terminal_opens_a_shell_in_the_pod(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    (workspace / "made-on-host.txt").write_text("x")
+    session = running(k8s_service, workspace)
+    with open_terminal(k8s_service, session, "shell") as ws:
+        ws.send(json.dumps({"rows": 30, "cols": 100}))
+        ws.send(json.dumps({"data": "ls /workspace; hostname; stty size\r"}))
+        seen = read_until(ws, "30 100")
+    assert "made-on-host.txt" in seen
+    assert object_name(session.id) in seen  # the Pod's own host name: it runs there
+
+
+def test_a_pod_no_record_knows_is_removed_at_start_up(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    session = running(k8s_service, workspace)
+    k8s_service.stop_process(signal.SIGKILL)
+    with store(k8s_service) as db:  # its Pod runs on, and no record knows it
+        db.execute("DELETE FROM sessions WHERE id = ?", (session.id,))
+    cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+    k8s_service.restart()
+    gone(cluster, namespace, object_name(session.id))
+    assert "removed 1 orphan sandbox" in k8s_service.log.read_text().replace("\n", " ")
+
+
+def test_an_idle_session_is_culled_and_its_pod_removed(
+    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path
+) -> None:
+    service = launch_service(
+        runtime="kubernetes",
+        kubernetes_config=str(cluster.kubeconfig),
+        kubernetes_namespace=namespace,
+        cull_interval="0.5",
+    )
+    started = service.client.start(str(workspace), idle_timeout=2, wait=False)
+    session = service.client.wait(started.id, timeout=180)
+    assert session.status is Status.RUNNING, session.error
+    deadline = time.monotonic() + 60
+    while (listed := next(s for s in service.client.sessions() if s.id == session.id)).status.live:
+        assert time.monotonic() < deadline, "never culled"
+        time.sleep(0.5)
+    assert listed.status is Status.STOPPED
+    assert listed.reason == "idle"
+    gone(cluster, namespace, object_name(session.id))
