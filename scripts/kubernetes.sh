@@ -113,10 +113,10 @@ start() {
   ip link add "$BRIDGE" type bridge
   ip addr add "$NODE_IP/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
-  # Pod to Pod across the bridge: the host's Docker sets FORWARD's policy to DROP, which
-  # bridged traffic meets where br_netfilter is loaded.
-  iptables -w -C FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null \
-    || iptables -w -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT
+  # What a network plugin does on a real cluster: Pods reach each other across the bridge (the
+  # host's Docker sets FORWARD's policy to DROP, which bridged traffic meets where br_netfilter
+  # is loaded) and the world beyond the node, behind its address.
+  pod_rules add
 
   # A dockerd of the node's own: the host's engine and its containers stay out of it. These
   # VMs cannot set a negative oom_score_adj (no CAP_SYS_RESOURCE), which the kubelet asks of
@@ -216,6 +216,33 @@ CONF
   echo "$KUBE_STATE/kubeconfig"
 }
 
+# pod_rules add|del: the host's rules for the Pods' traffic. Out through the node, behind its
+# address, to the world, but to no private or link-local range (other sandboxes' bridges, a
+# metadata service), as a session's `egress` network would have it.
+pod_rules() {
+  local chain=CS-K8S-PODS private
+  if [ "$1" = add ]; then
+    iptables -w -N "$chain" 2>/dev/null || iptables -w -F "$chain"
+    iptables -w -A "$chain" -o "$BRIDGE" -j ACCEPT
+    for private in 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 169.254.0.0/16 100.64.0.0/10; do
+      iptables -w -A "$chain" -d "$private" -j DROP
+    done
+    iptables -w -A "$chain" -j ACCEPT
+    iptables -w -C FORWARD -i "$BRIDGE" -j "$chain" 2>/dev/null \
+      || iptables -w -I FORWARD -i "$BRIDGE" -j "$chain"
+    iptables -w -C FORWARD -o "$BRIDGE" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT \
+      2>/dev/null || iptables -w -I FORWARD -o "$BRIDGE" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    iptables -w -t nat -C POSTROUTING -s "$NODE_IP/24" ! -o "$BRIDGE" -j MASQUERADE 2>/dev/null \
+      || iptables -w -t nat -I POSTROUTING -s "$NODE_IP/24" ! -o "$BRIDGE" -j MASQUERADE
+  else
+    while iptables -w -D FORWARD -i "$BRIDGE" -j "$chain" 2>/dev/null; do :; done
+    while iptables -w -D FORWARD -o "$BRIDGE" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT 2>/dev/null; do :; done
+    while iptables -w -t nat -D POSTROUTING -s "$NODE_IP/24" ! -o "$BRIDGE" -j MASQUERADE 2>/dev/null; do :; done
+    iptables -w -F "$chain" 2>/dev/null || true
+    iptables -w -X "$chain" 2>/dev/null || true
+  fi
+}
+
 # Images from the host's engine into the node's: Pods take them with imagePullPolicy
 # IfNotPresent, no registry needed.
 load_images() {
@@ -272,7 +299,7 @@ stop() {
   done
   rm -rf "$KUBE_STATE/kubelet" "$KUBE_STATE/etcd" "$KUBE_STATE/dockershim" /var/log/pods /var/log/containers
   ip link del "$BRIDGE" 2>/dev/null || true
-  while iptables -w -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null; do :; done
+  pod_rules del
   say "Kubernetes stopped"
 }
 

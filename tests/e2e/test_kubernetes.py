@@ -30,7 +30,8 @@ from kubernetes.client.exceptions import ApiException
 from codestation import SessionInfo, Settings, Status
 from codestation.image import ensure_image
 from codestation.runtimes.kubernetes import LABEL_MANAGED, object_name
-from tests.e2e.conftest import Service, ServiceFactory
+from tests.e2e.conftest import Model, Service, ServiceFactory
+from tests.e2e.test_agent_work import USER
 from tests.e2e.test_survival import store
 from tests.e2e.test_terminal import open_terminal, read_until
 
@@ -600,3 +601,27 @@ def test_an_idle_session_is_culled_and_its_pod_removed(
     assert listed.status is Status.STOPPED
     assert listed.reason == "idle"
     gone(cluster, namespace, object_name(session.id))
+
+
+def test_a_prompt_reaches_the_model_and_edits_the_workspace_as_its_owner(
+    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path, model: Model
+) -> None:
+    service = launch_service(
+        runtime="kubernetes",
+        kubernetes_config=str(cluster.kubeconfig),
+        kubernetes_namespace=namespace,
+        environments=json.dumps({"agent": model.environment()}),
+        env={model.env_var: model.key},
+    )
+    for path in [workspace, *workspace.rglob("*")]:  # a user's, not root's
+        os.chown(path, USER, USER)
+    with service.client.start(str(workspace), "agent", timeout=180) as session:
+        assert session.status == "running", session.error
+        reply = session.prompt("please write hello.txt: Hello from the agent")
+        written = workspace / "hello.txt"
+        assert written.read_text() == "Hello from the agent"
+        assert (written.stat().st_uid, written.stat().st_gid) == (USER, USER)
+        assert [(t.tool, t.status) for t in reply.tools] == [("write", "completed")]
+        report = session.changes()
+        assert [(f.path, f.change) for f in report.files] == [("hello.txt", "added")]
+    assert service.client.get(session.id).status == "stopped"
