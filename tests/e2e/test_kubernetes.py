@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from codestation import SessionInfo, Settings, Status
 from codestation.image import ensure_image
 from codestation.runtimes.kubernetes import LABEL_MANAGED, object_name
-from tests.e2e.conftest import Model, Service, ServiceFactory
+from tests.e2e.conftest import Model, Service, ServiceFactory, free_port
 from tests.e2e.test_agent_work import USER
 from tests.e2e.test_survival import store
 from tests.e2e.test_terminal import open_terminal, read_until
@@ -625,3 +626,38 @@ def test_a_prompt_reaches_the_model_and_edits_the_workspace_as_its_owner(
         report = session.changes()
         assert [(f.path, f.change) for f in report.files] == [("hello.txt", "added")]
     assert service.client.get(session.id).status == "stopped"
+
+
+def test_an_account_without_rights_is_told_what_it_lacks(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    # A ServiceAccount of no Role: what codestation would be, deployed without its RBAC.
+    cluster.core.create_namespaced_service_account(
+        namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="nobody"))
+    )
+    deadline = time.monotonic() + 30
+    while not (
+        account := cluster.core.read_namespaced_service_account("nobody", namespace)
+    ).secrets:
+        assert time.monotonic() < deadline, "no token was made for the account"
+        time.sleep(0.2)
+    secret = cluster.core.read_namespaced_secret(str(account.secrets[0].name), namespace)
+    token = base64.b64decode((secret.data or {})["token"]).decode()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    admin["users"][0]["user"] = {"token": token}
+    kubeconfig = tmp_path / "nobody.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(admin))
+    serve = subprocess.run(
+        [sys.executable, "-m", "codestation.cli", "serve"],
+        env={**os.environ, "CODESTATION_DATA_DIR": str(tmp_path / "data"),
+             "CODESTATION_TOKEN_FILE": str(tmp_path / "config" / "token"),
+             "CODESTATION_PORT": str(free_port()), "CODESTATION_RUNTIME": "kubernetes",
+             "CODESTATION_KUBERNETES_CONFIG": str(kubeconfig),
+             "CODESTATION_KUBERNETES_NAMESPACE": namespace},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    said = " ".join((serve.stdout + serve.stderr).split())
+    assert serve.returncode != 0
+    assert f"the cluster refused to list Pods in namespace {namespace}" in said
+    assert "403 Forbidden" in said
+    assert "Traceback" not in said

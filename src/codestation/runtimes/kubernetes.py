@@ -106,14 +106,19 @@ class KubernetesRuntime(Runtime):
         return k8s.ApiClient(configuration)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(*args, **kwargs)` in a worker thread; a cluster that cannot be reached or is
-        not configured is RuntimeUnavailable, whatever call met it."""
+        """`fn(*args, **kwargs)` in a worker thread. A cluster that cannot be reached, is not
+        configured or refuses (but for 404, which callers read as "gone") is
+        RuntimeUnavailable, whatever call met it: never an error of the client's own."""
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except k8s_config.ConfigException as exc:
             raise RuntimeUnavailable(f"no cluster for the kubernetes runtime: {exc}") from exc
         except UNREACHABLE as exc:
             raise RuntimeUnavailable(f"the cluster's API server does not answer: {exc}") from exc
+        except ApiException as exc:
+            if exc.status == 404:
+                raise
+            raise RuntimeUnavailable(f"the cluster refused: {_api_message(exc)}") from exc
 
     def inside_port(self, port: int) -> int:
         return agent.CONTAINER_PORT
@@ -129,14 +134,7 @@ class KubernetesRuntime(Runtime):
         return {k: v for k, v in limits.model_dump().items() if v is not None and k != "pids"}
 
     async def check(self) -> None:
-        try:
-            await self._call(self._list_one)
-        except ApiException as exc:
-            raise RuntimeUnavailable(
-                f"the cluster refused to list Pods in namespace {self.namespace} "
-                f"({exc.status} {exc.reason}); give codestation's account the Pods, Secrets "
-                "and pods/log rights there (deploy/kubernetes has them)."
-            ) from exc
+        await self._call(self._list_one)
 
     def _list_one(self) -> None:
         try:
@@ -146,7 +144,14 @@ class KubernetesRuntime(Runtime):
                 f"no cluster to run sessions in ({exc}): set kubernetes_config to a kubeconfig, "
                 "or run codestation in the cluster."
             ) from exc
-        core.list_namespaced_pod(self.namespace, limit=1, _request_timeout=10)
+        try:
+            core.list_namespaced_pod(self.namespace, limit=1, _request_timeout=10)
+        except ApiException as exc:
+            raise RuntimeUnavailable(
+                f"the cluster refused to list Pods in namespace {self.namespace} "
+                f"({_api_message(exc)}); give codestation's account the rights of "
+                "deploy/kubernetes's Role there."
+            ) from exc
 
     def image_for(self, profile: EnvironmentProfile) -> str:
         return profile.image or image_tag(self.settings)
@@ -235,11 +240,11 @@ class KubernetesRuntime(Runtime):
             self.core.create_namespaced_pod(self.namespace, pod)
             ip = self._placed(name)
         except (ApiException, *UNREACHABLE) as exc:
-            self._delete(name, grace=0)
+            self._undo(name)
             reason = _api_message(exc) if isinstance(exc, ApiException) else str(exc)
             raise StartFailed(f"Kubernetes could not start the session's Pod: {reason}") from exc
         except StartFailed:
-            self._delete(name, grace=0)
+            self._undo(name)
             raise
         return {"pod": name, "namespace": self.namespace, "ip": ip}
 
@@ -328,6 +333,12 @@ class KubernetesRuntime(Runtime):
             + " (lower the environment's limits, or free room in the cluster)"
         )
 
+    def _undo(self, name: str) -> None:
+        """What a failed start made, gone as far as the cluster lets it now; what it does not
+        is an orphan the manager's sweep removes (by label) once the cluster answers."""
+        with contextlib.suppress(ApiException, *UNREACHABLE):
+            self._delete(name, grace=0)
+
     def _delete(self, name: str, grace: int) -> None:
         for delete in (self.core.delete_namespaced_pod, self.core.delete_namespaced_secret):
             try:
@@ -387,15 +398,16 @@ class KubernetesRuntime(Runtime):
     async def follow(self, session_id: str, state: State, tail: int) -> AsyncIterator[bytes]:
         try:
             stream = await self._call(
-                self.core.read_namespaced_pod_log,
-                object_name(session_id),
-                self.namespace,
-                container=CONTAINER,
-                tail_lines=tail,
-                follow=True,
-                _preload_content=False,
+                lambda: self.core.read_namespaced_pod_log(
+                    object_name(session_id),
+                    self.namespace,
+                    container=CONTAINER,
+                    tail_lines=tail,
+                    follow=True,
+                    _preload_content=False,
+                )
             )
-        except ApiException:
+        except ApiException:  # 404: the Pod is gone
             return
         async for chunk in pumped(_Chunks(stream), f"logs-{session_id}"):
             yield chunk
@@ -415,7 +427,7 @@ class KubernetesRuntime(Runtime):
 
     async def running_sessions(self) -> set[str]:
         pods = await self._call(
-            self.core.list_namespaced_pod, self.namespace, label_selector=self.selector
+            lambda: self.core.list_namespaced_pod(self.namespace, label_selector=self.selector)
         )
         return {
             p.metadata.labels[LABEL_SESSION]
