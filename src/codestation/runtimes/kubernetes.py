@@ -58,7 +58,9 @@ LABEL_NETWORK = "codestation.dev/network"
 CONTAINER = "opencode"
 # How long `start` waits for the Pod to be given an IP (scheduled, its sandbox made).
 PLACED_TIMEOUT = 60.0
-# How long after its grace period a deleted Pod may take to go.
+# How long after its grace period the kubelet may take to confirm a Pod's end, and then how
+# long a Pod removed by force may take to go.
+CONFIRM_TIMEOUT = 10.0
 GONE_TIMEOUT = 30.0
 # Transport failures of the client: the API server is unreachable or went away.
 UNREACHABLE = (urllib3.exceptions.HTTPError, OSError)
@@ -348,8 +350,11 @@ class KubernetesRuntime(Runtime):
                     raise
 
     def _pod(self, session_id: str) -> k8s.V1Pod | None:
+        return self._pod_named(object_name(session_id))
+
+    def _pod_named(self, name: str) -> k8s.V1Pod | None:
         try:
-            return self.core.read_namespaced_pod(object_name(session_id), self.namespace)
+            return self.core.read_namespaced_pod(name, self.namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -371,17 +376,28 @@ class KubernetesRuntime(Runtime):
 
     def _stop(self, session_id: str, grace: float) -> str:
         tail = self._tail(session_id, self.settings.log_tail_lines)
-        self._delete(object_name(session_id), grace=int(max(grace, 0)))
-        # Stopped means the agent no longer runs: wait for the kubelet to have ended it.
-        deadline = time.monotonic() + max(grace, 0) + GONE_TIMEOUT
-        while self._pod(session_id) is not None:
-            if time.monotonic() > deadline:
+        name, grace = object_name(session_id), max(grace, 0)
+        self._delete(name, grace=int(grace))
+        # Stopped means the agent no longer runs: wait for the kubelet to have ended it. A
+        # kubelet that has not confirmed it well after the grace period (1.20's dockershim
+        # sometimes loses track of a container it already removed; a lost node never answers)
+        # has its Pod removed by force, as `docker rm -f` would.
+        if not self._gone(name, grace + CONFIRM_TIMEOUT):
+            self._delete(name, grace=0)
+            if not self._gone(name, GONE_TIMEOUT):
                 raise RuntimeUnavailable(
-                    f"the session's Pod is still there {grace + GONE_TIMEOUT:.0f} s after it "
-                    "was deleted (its node is unreachable?)"
+                    f"the session's Pod is still there {GONE_TIMEOUT:.0f} s after its "
+                    "removal by force (the API server is failing?)"
                 )
-            time.sleep(0.2)
         return tail
+
+    def _gone(self, name: str, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self._pod_named(name) is not None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
     def _tail(self, session_id: str, lines: int) -> str:
         try:
