@@ -36,6 +36,10 @@ from tests.e2e.test_agent_work import USER
 from tests.e2e.test_survival import store
 from tests.e2e.test_terminal import open_terminal, read_until
 
+# Alone: the cluster (etcd, the API server, a kubelet, a dockerd, the Pods) loads the 2-core
+# machine enough to slow every other test's sandboxes past their waits.
+pytestmark = pytest.mark.serial
+
 SCRIPT = Path(__file__).parents[2] / "scripts" / "kubernetes.sh"
 MANIFESTS = Path(__file__).parents[2] / "deploy" / "kubernetes"
 NODE_DOCKER = "unix:///var/lib/codestation-kube/run/docker.sock"

@@ -161,7 +161,7 @@ def add_bad_records(db: Path, like: str) -> None:
     with sqlite3.connect(db) as conn:
         for session_id, runtime, state in (
             ("cs-unreadable", "bwrap", "{not json"),
-            ("cs-unknown-runtime", "kubernetes", "{}"),
+            ("cs-unknown-runtime", "firecracker", "{}"),
         ):
             conn.execute(
                 f"INSERT INTO sessions ({', '.join(columns)}) SELECT {select} "
