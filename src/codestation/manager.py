@@ -391,7 +391,8 @@ class SessionManager:
 
     def agent_url(self, session: Session) -> str:
         host, port = self.agent_address(session)
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        bare = ":" in host and not host.startswith("[")  # an IPv6 address, not yet bracketed
+        return f"http://{f'[{host}]' if bare else host}:{port}"
 
     async def agent_events(self, caller: Caller, session_id: str) -> AsyncGenerator[bytes, None]:
         """The agent's own event stream (OpenCode's, for /workspace), as it comes, until the

@@ -1,12 +1,17 @@
-"""How the kubernetes runtime reads a Pod's status into a session's end: the cases a
-single-node test cluster cannot produce (an eviction, a lost node). The rest are driven for
-real in tests/e2e/test_kubernetes.py."""
+"""The kubernetes runtime's parts that need no cluster: how it reads a Pod's status into a
+session's end (the cases a single-node test cluster cannot produce: an eviction, a lost
+node), when it is made at all, and the id it labels its Pods with. The rest is driven for real
+in tests/e2e/test_kubernetes.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kubernetes import client as k8s
 
-from codestation.runtimes.kubernetes import why_ended, why_stuck
+from codestation.config import EnvironmentProfile, Settings
+from codestation.runtimes import make_runtimes
+from codestation.runtimes.kubernetes import KubernetesRuntime, why_ended, why_stuck
 
 
 def pod(phase: str, reason: str | None = None, message: str | None = None) -> k8s.V1Pod:
@@ -49,3 +54,28 @@ def test_a_container_that_cannot_be_made_is_a_reason_to_give_up() -> None:
     ]
     assert why_stuck(waiting) == 'CreateContainerConfigError: secret "x" not found'
     assert why_ended(waiting) is None
+
+
+def test_a_service_that_names_no_cluster_never_touches_one(tmp_path: Path) -> None:
+    # A user's ~/.kube/config may name a cluster of others: a Docker or bwrap service must
+    # not even list Pods there (it would remove those it takes for its own orphans).
+    plain = Settings(data_dir=tmp_path)
+    assert "kubernetes" not in make_runtimes(plain)
+    for named in (
+        Settings(data_dir=tmp_path, runtime="kubernetes"),
+        Settings(
+            data_dir=tmp_path,
+            environments={"team": EnvironmentProfile(runtime="kubernetes")},
+        ),
+    ):
+        assert "kubernetes" in make_runtimes(named)
+
+
+def test_the_service_id_on_the_cluster_is_random_and_kept(tmp_path: Path) -> None:
+    first = KubernetesRuntime(Settings(data_dir=tmp_path / "a", runtime="kubernetes"))
+    again = KubernetesRuntime(Settings(data_dir=tmp_path / "a", runtime="kubernetes"))
+    # Another machine's data directory at the very same path is another service.
+    other = KubernetesRuntime(Settings(data_dir=tmp_path / "b", runtime="kubernetes"))
+    assert first.service == again.service
+    assert first.service != other.service
+    assert len(first.service) == 16

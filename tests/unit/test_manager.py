@@ -11,6 +11,7 @@ from codestation.config import Settings
 from codestation.errors import TooManyStreams
 from codestation.identity import Caller
 from codestation.manager import EVENTS_BUFFERED, SessionManager
+from codestation.runtimes import make_runtimes
 from codestation.store import Store
 from tests.unit.factories import make_session
 
@@ -60,3 +61,12 @@ def test_stream_places_per_user_and_overall(tmp_path: Path) -> None:
     a2()
     b1()
     m.open_stream(ALICE)
+
+
+def test_the_agent_is_reached_at_a_bracketed_ipv6_address_once(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, publish_address="::")  # local_host is [::1]
+    m = SessionManager(settings, Store(tmp_path / "db.sqlite"), make_runtimes(settings))
+    assert m.agent_url(make_session(30000, runtime="docker")) == "http://[::1]:30000"
+    settings = Settings(data_dir=tmp_path, publish_address="::1")
+    m = SessionManager(settings, Store(tmp_path / "db2.sqlite"), make_runtimes(settings))
+    assert m.agent_url(make_session(30000, runtime="bwrap")) == "http://[::1]:30000"

@@ -17,8 +17,15 @@ RUNTIMES: dict[str, type[Runtime]] = {
 
 
 def make_runtimes(settings: Settings) -> dict[str, Runtime]:
-    """One of each; they connect to nothing until used."""
-    return {name: cls(settings) for name, cls in RUNTIMES.items()}
+    """One of each that may run sessions here; they connect to nothing until used. Kubernetes
+    only where the settings name it (for the service or an environment): a service that does
+    not use a cluster must never touch one, such as the one a user's ~/.kube/config names."""
+    wanted = {settings.runtime, *(p.runtime for p in settings.environments.values())}
+    return {
+        name: cls(settings)
+        for name, cls in RUNTIMES.items()
+        if name != "kubernetes" or "kubernetes" in wanted
+    }
 
 
 async def choose_runtime(settings: Settings, runtimes: dict[str, Runtime]) -> str:

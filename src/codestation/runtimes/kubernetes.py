@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import ipaddress
 import json
+import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -58,6 +61,7 @@ LABEL_NETWORK = "codestation.dev/network"
 CONTAINER = "opencode"
 # How long `start` waits for the Pod to be given an IP (scheduled, its sandbox made).
 PLACED_TIMEOUT = 60.0
+SERVICE_ID_FILE = "kubernetes-service"
 # How long after its grace period the kubelet may take to confirm a Pod's end, and then how
 # long a Pod removed by force may take to go.
 CONFIRM_TIMEOUT = 10.0
@@ -81,9 +85,34 @@ class KubernetesRuntime(Runtime):
         super().__init__(settings)
         self._core: k8s.CoreV1Api | None = None
         self.namespace = settings.kubernetes_namespace
-        # Pods of this service only: two services (data directories) may share a namespace.
-        self.service = hashlib.sha256(str(settings.data_dir).encode()).hexdigest()[:16]
-        self.selector = f"{LABEL_MANAGED}=codestation,{LABEL_SERVICE}={self.service}"
+        self._service: str | None = None
+        # Its own threads: a slow API server, or many stops waiting for their Pods, must not
+        # hold up the other runtimes' calls (asyncio's default pool is shared and small).
+        self._threads = concurrent.futures.ThreadPoolExecutor(32, "kubernetes")
+
+    @property
+    def service(self) -> str:
+        """This service's id on the cluster, made once and kept in its data directory: the
+        label of its Pods. Random, since data directories on two machines may share a path
+        and a namespace, and each service removes the Pods of its own no record knows."""
+        if self._service is None:
+            path = self.settings.data_dir / SERVICE_ID_FILE
+            try:
+                self._service = path.read_text().strip()
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made = secrets.token_hex(8)
+                try:
+                    with path.open("x") as file:  # two starting at once: one id
+                        file.write(made)
+                except FileExistsError:
+                    made = path.read_text().strip()
+                self._service = made
+        return self._service
+
+    @property
+    def selector(self) -> str:
+        return f"{LABEL_MANAGED}=codestation,{LABEL_SERVICE}={self.service}"
 
     @property
     def core(self) -> k8s.CoreV1Api:
@@ -111,8 +140,9 @@ class KubernetesRuntime(Runtime):
         """`fn(*args, **kwargs)` in a worker thread. A cluster that cannot be reached, is not
         configured or refuses (but for 404, which callers read as "gone") is
         RuntimeUnavailable, whatever call met it: never an error of the client's own."""
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await loop.run_in_executor(self._threads, lambda: fn(*args, **kwargs))
         except k8s_config.ConfigException as exc:
             raise RuntimeUnavailable(f"no cluster for the kubernetes runtime: {exc}") from exc
         except UNREACHABLE as exc:
@@ -160,7 +190,7 @@ class KubernetesRuntime(Runtime):
 
     async def prepare(self, profile: EnvironmentProfile, report: Report) -> None:
         # The nodes pull the image themselves (or have it: `scripts/kubernetes.sh` loads it).
-        await asyncio.to_thread(self.image_for, profile)
+        await self._call(self.image_for, profile)
 
     async def start(self, spec: LaunchSpec) -> State:
         if spec.workspace is None:
@@ -232,6 +262,11 @@ class KubernetesRuntime(Runtime):
                 # The pause container is then pid 1 (it reaps, as Docker's init does) and
                 # OpenCode gets SIGTERM as any process does: pid 1 would ignore it.
                 share_process_namespace=True,
+                # The container engine's default syscall filter, as Docker sessions have: the
+                # 1.20 kubelet runs Pods unconfined unless told.
+                security_context=k8s.V1PodSecurityContext(
+                    seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")
+                ),
                 termination_grace_period_seconds=int(self.settings.stop_timeout),
             ),
         )
@@ -239,7 +274,12 @@ class KubernetesRuntime(Runtime):
             if policy is not None:
                 self._ensure_policy(policy)
             self.core.create_namespaced_secret(self.namespace, secret)
-            self.core.create_namespaced_pod(self.namespace, pod)
+            made = self.core.create_namespaced_pod(self.namespace, pod)
+            # The Secret goes with its Pod, whoever deletes it.
+            owner = {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": made.metadata.uid}
+            self.core.patch_namespaced_secret(
+                name, self.namespace, {"metadata": {"ownerReferences": [owner]}}
+            )
             ip = self._placed(name)
         except (ApiException, *UNREACHABLE) as exc:
             self._undo(name)
@@ -339,7 +379,7 @@ class KubernetesRuntime(Runtime):
         """What a failed start made, gone as far as the cluster lets it now; what it does not
         is an orphan the manager's sweep removes (by label) once the cluster answers."""
         with contextlib.suppress(ApiException, *UNREACHABLE):
-            self._delete(name, grace=0)
+            self._delete(name, grace=1)
 
     def _delete(self, name: str, grace: int) -> None:
         for delete in (self.core.delete_namespaced_pod, self.core.delete_namespaced_secret):
@@ -376,8 +416,10 @@ class KubernetesRuntime(Runtime):
 
     def _stop(self, session_id: str, grace: float) -> str:
         tail = self._tail(session_id, self.settings.log_tail_lines)
-        name, grace = object_name(session_id), max(grace, 0)
-        self._delete(name, grace=int(grace))
+        # Never 0, which the API server takes as removal by force: the kubelet may not have
+        # ended the agent yet (nor ever, on a lost node).
+        name, grace = object_name(session_id), max(math.ceil(grace), 1)
+        self._delete(name, grace=grace)
         # Stopped means the agent no longer runs: wait for the kubelet to have ended it. A
         # kubelet that has not confirmed it well after the grace period (1.20's dockershim
         # sometimes loses track of a container it already removed; a lost node never answers)
@@ -442,18 +484,25 @@ class KubernetesRuntime(Runtime):
                 yield session_id
 
     async def running_sessions(self) -> set[str]:
-        pods = await self._call(
-            lambda: self.core.list_namespaced_pod(self.namespace, label_selector=self.selector)
-        )
+        # Secrets too: one whose Pod was never made (a crash between the two) holds the
+        # session's password and keys until it is removed.
+        def listed() -> list[k8s.V1ObjectMeta]:
+            ns, ours = self.namespace, self.selector
+            pods = self.core.list_namespaced_pod(ns, label_selector=ours).items
+            secrets = self.core.list_namespaced_secret(ns, label_selector=ours).items
+            metas = [p.metadata for p in pods] + [s.metadata for s in secrets]
+            return [m for m in metas if m is not None]
+
         return {
-            p.metadata.labels[LABEL_SESSION]
-            for p in pods.items
-            if p.metadata and p.metadata.labels and LABEL_SESSION in p.metadata.labels
+            meta.labels[LABEL_SESSION]
+            for meta in await self._call(listed)
+            if meta.labels and LABEL_SESSION in meta.labels
         }
 
     async def close(self) -> None:
         if self._core is not None:
             self._core.api_client.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 def network_policy(profile: EnvironmentProfile, service: str) -> k8s.V1NetworkPolicy | None:
