@@ -145,10 +145,6 @@ WRAP
     tar -C "$bin" -c pause | "${ndocker[@]}" import -c 'ENTRYPOINT ["/pause"]' - k8s-pause:3.4.1 >/dev/null
   load_images "$@"
 
-  say "etcd"
-  spawn etcd etcd --data-dir "$KUBE_STATE/etcd" --listen-client-urls http://127.0.0.1:23790 \
-    --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23800
-
   local pki=$KUBE_STATE/pki token
   [ -f "$pki/sa.key" ] || openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
@@ -162,11 +158,31 @@ WRAP
     openssl x509 -req -in "$pki/kubelet-client.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
       -CAcreateserial -days 3650 -out "$pki/kubelet-client.crt" 2>/dev/null
   fi
+  # etcd holds every Secret: it takes only clients (and peers) with a certificate of that CA,
+  # the API server's; other users of this machine reach its port on the loopback too.
+  if [ ! -f "$pki/etcd.crt" ]; then
+    openssl req -newkey rsa:2048 -nodes -subj /CN=etcd -addext subjectAltName=IP:127.0.0.1 \
+      -keyout "$pki/etcd.key" -out "$pki/etcd.csr" 2>/dev/null
+    openssl x509 -req -in "$pki/etcd.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+      -CAcreateserial -days 3650 -copy_extensions copyall -out "$pki/etcd.crt" 2>/dev/null
+  fi
+  chmod 600 "$pki"/*.key
+  say "etcd"
+  spawn etcd etcd --data-dir "$KUBE_STATE/etcd" \
+    --listen-client-urls https://127.0.0.1:23790 --advertise-client-urls https://127.0.0.1:23790 \
+    --listen-peer-urls https://127.0.0.1:23800 --initial-advertise-peer-urls https://127.0.0.1:23800 \
+    --initial-cluster default=https://127.0.0.1:23800 \
+    --cert-file "$pki/etcd.crt" --key-file "$pki/etcd.key" \
+    --client-cert-auth --trusted-ca-file "$pki/ca.crt" \
+    --peer-cert-file "$pki/etcd.crt" --peer-key-file "$pki/etcd.key" \
+    --peer-client-cert-auth --peer-trusted-ca-file "$pki/ca.crt"
   token=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
   echo "$token,admin,admin,\"system:masters\"" >"$pki/tokens.csv"
   chmod 600 "$pki/tokens.csv"
   say "the API server"
-  spawn apiserver "$bin/kube-apiserver" --etcd-servers http://127.0.0.1:23790 \
+  spawn apiserver "$bin/kube-apiserver" --etcd-servers https://127.0.0.1:23790 \
+    --etcd-cafile "$pki/ca.crt" --etcd-certfile "$pki/kubelet-client.crt" \
+    --etcd-keyfile "$pki/kubelet-client.key" --anonymous-auth=false \
     --secure-port 6443 --insecure-port 0 --advertise-address "$NODE_IP" --bind-address "$NODE_IP" \
     --cert-dir "$pki" --token-auth-file "$pki/tokens.csv" --authorization-mode Node,RBAC \
     --service-account-issuer https://kubernetes.default.svc \

@@ -361,7 +361,10 @@ class SessionManager:
         return session
 
     def url(self, session: Session) -> str:
-        return self.runtimes[session.runtime].url(session.port, session.runtime_state)
+        runtime = self.runtimes.get(session.runtime)
+        if runtime is None:  # a record of a runtime this service does not run (any more)
+            return f"http://{self.settings.session_host}:{session.port}"
+        return runtime.url(session.port, session.runtime_state)
 
     def web_url(self, session: Session) -> str:
         return self.settings.web_url(session.id)
@@ -387,7 +390,10 @@ class SessionManager:
 
     def agent_address(self, session: Session) -> tuple[str, int]:
         """Where codestation itself reaches the session's OpenCode."""
-        return self.runtimes[session.runtime].address(session.port, session.runtime_state)
+        runtime = self.runtimes.get(session.runtime)
+        if runtime is None:  # a record of a runtime this service does not run (any more)
+            return (self.settings.local_host, session.port)
+        return runtime.address(session.port, session.runtime_state)
 
     def agent_url(self, session: Session) -> str:
         host, port = self.agent_address(session)
