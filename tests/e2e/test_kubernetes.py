@@ -88,14 +88,25 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture
-def k8s_service(cluster: Cluster, namespace: str, launch_service: ServiceFactory) -> Service:
-    # After the namespace, so its sessions are stopped before the namespace is checked.
-    return launch_service(
-        runtime="kubernetes",
-        kubernetes_config=str(cluster.kubeconfig),
-        kubernetes_namespace=namespace,
-        limits=json.dumps({"memory": "768m", "cpus": 1.5, "pids": 512, "tmp": "64m"}),
-    )
+def on_cluster(cluster: Cluster, namespace: str, launch_service: ServiceFactory) -> ServiceFactory:
+    """Start a service whose sessions run on the cluster, in this test's namespace. After the
+    namespace, so its sessions are stopped before the namespace is checked."""
+
+    def factory(size: int = 10, **settings: Any) -> Service:
+        return launch_service(
+            size,
+            runtime="kubernetes",
+            kubernetes_config=str(cluster.kubeconfig),
+            kubernetes_namespace=namespace,
+            **settings,
+        )
+
+    return factory
+
+
+@pytest.fixture
+def k8s_service(on_cluster: ServiceFactory) -> Service:
+    return on_cluster(limits=json.dumps({"memory": "768m", "cpus": 1.5, "pids": 512, "tmp": "64m"}))
 
 
 def opencode_container(cluster: Cluster, session: SessionInfo) -> Any:
@@ -240,12 +251,9 @@ def test_a_restarted_service_readopts_its_pods(
 
 
 def test_an_image_no_node_has_fails_the_start_with_the_reason(
-    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, workspace: Path
 ) -> None:
-    service = launch_service(
-        runtime="kubernetes",
-        kubernetes_config=str(cluster.kubeconfig),
-        kubernetes_namespace=namespace,
+    service = on_cluster(
         environments=json.dumps({"default": {"image": "codestation-nowhere:1"}}),
     )
     session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
@@ -255,7 +263,7 @@ def test_an_image_no_node_has_fails_the_start_with_the_reason(
 
 
 def test_a_workspace_on_a_shared_claim_is_the_agents_through_its_subpath(
-    cluster: Cluster, namespace: str, launch_service: ServiceFactory, tmp_path: Path
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, tmp_path: Path
 ) -> None:
     # A volume of many workspaces, as a team's ReadWriteMany claim would be; here a hostPath
     # PersistentVolume (the one node), which codestation sees at `root`.
@@ -291,10 +299,7 @@ def test_a_workspace_on_a_shared_claim_is_the_agents_through_its_subpath(
             ),
         )
         storage = {"volume": "claim", "claim": "workspaces", "root": str(root)}
-        service = launch_service(
-            runtime="kubernetes",
-            kubernetes_config=str(cluster.kubeconfig),
-            kubernetes_namespace=namespace,
+        service = on_cluster(
             environments=json.dumps({"default": {"kubernetes": storage}}),
         )
         session = running(service, root / "alice" / "project")
@@ -320,12 +325,9 @@ def test_a_workspace_on_a_shared_claim_is_the_agents_through_its_subpath(
 
 
 def test_an_agent_out_of_memory_fails_saying_so(
-    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, workspace: Path
 ) -> None:
-    service = launch_service(
-        runtime="kubernetes",
-        kubernetes_config=str(cluster.kubeconfig),
-        kubernetes_namespace=namespace,
+    service = on_cluster(
         limits=json.dumps({"memory": "48m", "tmp": "8m"}),  # OpenCode needs far more to boot
     )
     session = service.client.wait(service.client.start(str(workspace), wait=False).id, timeout=120)
@@ -335,14 +337,11 @@ def test_an_agent_out_of_memory_fails_saying_so(
 
 
 def test_each_environments_network_becomes_a_network_policy_selecting_its_pods(
-    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, workspace: Path
 ) -> None:
     # The test cluster has no network plugin: the policies are made and select the Pods, but
     # nothing here enforces them (the README says so).
-    service = launch_service(
-        runtime="kubernetes",
-        kubernetes_config=str(cluster.kubeconfig),
-        kubernetes_namespace=namespace,
+    service = on_cluster(
         environments=json.dumps(
             {
                 "default": {"network": "egress", "allow": ["10.1.2.3/32"]},
@@ -387,13 +386,10 @@ def test_each_environments_network_becomes_a_network_policy_selecting_its_pods(
 
 
 def test_pods_take_no_port_of_the_host_and_none_of_its_memory_budget(
-    cluster: Cluster, namespace: str, launch_service: ServiceFactory, tmp_path: Path
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, tmp_path: Path
 ) -> None:
-    service = launch_service(
+    service = on_cluster(
         1,  # one port in the range, and a budget for one session: Pods need neither
-        runtime="kubernetes",
-        kubernetes_config=str(cluster.kubeconfig),
-        kubernetes_namespace=namespace,
         limits=json.dumps({"memory": "768m", "cpus": 0.5}),  # two fit the 2-core node
         memory_budget="1g",
     )
@@ -588,12 +584,9 @@ def test_a_pod_no_record_knows_is_removed_at_start_up(
 
 
 def test_an_idle_session_is_culled_and_its_pod_removed(
-    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, workspace: Path
 ) -> None:
-    service = launch_service(
-        runtime="kubernetes",
-        kubernetes_config=str(cluster.kubeconfig),
-        kubernetes_namespace=namespace,
+    service = on_cluster(
         cull_interval="0.5",
     )
     started = service.client.start(str(workspace), idle_timeout=2, wait=False)
@@ -609,12 +602,9 @@ def test_an_idle_session_is_culled_and_its_pod_removed(
 
 
 def test_a_prompt_reaches_the_model_and_edits_the_workspace_as_its_owner(
-    cluster: Cluster, namespace: str, launch_service: ServiceFactory, workspace: Path, model: Model
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, workspace: Path, model: Model
 ) -> None:
-    service = launch_service(
-        runtime="kubernetes",
-        kubernetes_config=str(cluster.kubeconfig),
-        kubernetes_namespace=namespace,
+    service = on_cluster(
         environments=json.dumps({"agent": model.environment()}),
         env={model.env_var: model.key},
     )
