@@ -34,6 +34,7 @@ BENCHMARKS = {
     ),
     "density.py": (["--sessions", "10"], ["--sessions", "2"]),
     "api.py": (["--requests", "500"], ["--requests", "30"]),
+    "cluster.py": (["--runs", "5", "--requests", "200"], ["--runs", "1", "--requests", "20"]),
 }
 # What each figure is held to (issue 11), where there is a goal.
 GOALS = {
@@ -57,6 +58,10 @@ GOALS = {
     "status read ratio to bare": "(a bare FastAPI endpoint answering the same JSON)",
     "idle sessions that fit, docker": ">= 100",
     "idle sessions that fit, bwrap": ">= 100",
+    "kubernetes start ratio": "(to a bare Pod of OpenCode, the same limits)",
+    "kubernetes proxy pod ratio": "(to the Pod's IP)",
+    "kubernetes port-forward listener ratio": "(the API server's port-forward alone)",
+    "kubernetes proxy port-forward ratio": "(to the Pod's IP)",
 }
 
 

@@ -53,12 +53,14 @@ _install_lock = threading.Lock()
 
 
 # Run first, inside the sandbox: OpenCode starts only if /workspace, and each path pinned in it,
-# is the very file that was checked (device and inode; `path=dev:ino` words in $0). Engines
-# mount by path, and a path can be swapped for a symlink between codestation's check and the
-# engine's mount; this check cannot be raced, since it looks at what is mounted, from where
-# the agent will run.
+# is the very file that was checked (device and inode, `path=dev:ino` words in $0; or the
+# inode alone, `path=ino`, where the sandbox's mount of the same file system has a device
+# number of its own). Engines mount by path, and a path can be swapped for a symlink between
+# codestation's check and the engine's mount; this check cannot be raced, since it looks at
+# what is mounted, from where the agent will run.
 _GUARD = (
-    'for want in $0; do path=${want%=*}; got=$(stat -c %d:%i "$path"); '
+    "for want in $0; do path=${want%=*}; case ${want#*=} in *:*) f=%d:%i;; *) f=%i;; esac; "
+    'got=$(stat -c $f "$path"); '
     '[ "$path=$got" = "$want" ] || { echo "codestation: $path was replaced while the session '
     'started ($got, not ${want#*=}); start it again." >&2; exit 97; }; done; exec "$@"'
 )
@@ -72,14 +74,23 @@ def serve_args(hostname: str, port: int, binary: str = "opencode") -> list[str]:
 
 
 def serve_command(
-    hostname: str, port: int, workspace: Workspace | None, binary: str = "opencode"
+    hostname: str,
+    port: int,
+    workspace: Workspace | None,
+    binary: str = "opencode",
+    *,
+    inode_only: bool = False,
 ) -> list[str]:
     """A sandbox's command: the workspace guard, then `opencode serve`. A sandbox started
     without a workspace (the warm pool) has nothing to guard yet: its slot is checked when a
-    workspace is mounted on it (`slots.py`)."""
+    workspace is mounted on it (`slots.py`). `inode_only`: the sandbox sees the workspace's
+    file system under another device number (a network volume mounted on a node)."""
     if workspace is None:
         return serve_args(hostname, port, binary)
-    pairs = " ".join(f"{path}={ids}" for path, ids in workspace.identities().items())
+    identities = workspace.identities()
+    if inode_only:
+        identities = {path: ids.rsplit(":", 1)[1] for path, ids in identities.items()}
+    pairs = " ".join(f"{path}={ids}" for path, ids in identities.items())
     guard = ["sh", "-c", _GUARD, pairs]
     return [*guard, *serve_args(hostname, port, binary)]
 
@@ -316,7 +327,7 @@ def websocket(url: str, password: SecretStr, headers: dict[str, str]) -> connect
     # Two frames waiting at most, uncompressed: the agent is on this host.
     return connect(url, additional_headers={"Authorization": f"Basic {token}", **headers},
                    max_size=MAX_FRAME, max_queue=2, compression=None,
-                   ping_interval=None)  # fmt: skip
+                   ping_interval=None, proxy=None)  # fmt: skip
 
 
 async def last_activity(

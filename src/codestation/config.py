@@ -458,6 +458,13 @@ class Settings(BaseSettings):
         description="A kubeconfig for the kubernetes runtime; unset: the Pod's own service "
         "account inside a cluster, else $KUBECONFIG or ~/.kube/config.",
     )
+    kubernetes_reach: Literal["auto", "pod", "port-forward"] = Field(
+        default="auto",
+        description="How codestation reaches a Kubernetes session's OpenCode: at the Pod's IP "
+        "(pod: it runs in the cluster or on a node), through the API server's port-forward "
+        "(port-forward: from anywhere the API server answers, slower), or the Pod's IP where "
+        "this host routes to it, else port-forward (auto).",
+    )
     environments: dict[str, EnvironmentProfile] = Field(default_factory=dict)
 
     @model_validator(mode="after")

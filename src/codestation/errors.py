@@ -122,6 +122,11 @@ class RuntimeUnavailable(Unavailable):
 class StartFailed(CodestationError):
     code = "start_failed"
 
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        # The agent's last lines, where the runtime read them before it removed the sandbox.
+        self.log_tail = log_tail
+
 
 class StartTimeout(StartFailed):
     code = "start_timeout"

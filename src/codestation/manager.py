@@ -46,6 +46,7 @@ from codestation.errors import (
     NotRunning,
     RuntimeUnavailable,
     SessionNotFound,
+    StartFailed,
     TooManySessions,
     TooManyStreams,
     UnknownEnvironment,
@@ -364,7 +365,7 @@ class SessionManager:
         runtime = self.runtimes.get(session.runtime)
         if runtime is None:  # a record of a runtime this service does not run (any more)
             return f"http://{self.settings.session_host}:{session.port}"
-        return runtime.url(session.port, session.runtime_state)
+        return runtime.url(session.id, session.port, session.runtime_state)
 
     def web_url(self, session: Session) -> str:
         return self.settings.web_url(session.id)
@@ -393,7 +394,7 @@ class SessionManager:
         runtime = self.runtimes.get(session.runtime)
         if runtime is None:  # a record of a runtime this service does not run (any more)
             return (self.settings.local_host, session.port)
-        return runtime.address(session.port, session.runtime_state)
+        return runtime.address(session.id, session.port, session.runtime_state)
 
     def agent_url(self, session: Session) -> str:
         host, port = self.agent_address(session)
@@ -757,7 +758,7 @@ class SessionManager:
         if not isinstance(exc, CodestationError):
             log.exception("session %s: unexpected error while starting", session_id)
         reason = str(exc) if isinstance(exc, CodestationError) else f"internal error: {exc!r}"
-        await self._fail(session_id, reason)
+        await self._fail(session_id, reason, exc.log_tail if isinstance(exc, StartFailed) else "")
 
     async def _launch_sandbox(
         self, runtime: Runtime, spec: LaunchSpec, phases: dict[str, float]
@@ -790,7 +791,7 @@ class SessionManager:
         await agent.wait_ready(self._http, self.agent_url(session), session.password,
                                self.settings.start_timeout, ended)  # fmt: skip
 
-    async def _fail(self, session_id: str, reason: str) -> None:
+    async def _fail(self, session_id: str, reason: str, log_tail: str = "") -> None:
         """Mark a starting or running session failed, remove what is left of its sandbox, and
         keep the reason and the last lines of its log."""
         async with self._locks[session_id]:
@@ -799,7 +800,7 @@ class SessionManager:
                 return  # a stop took over
             runtime = self.runtimes[session.runtime]
             try:
-                tail = await runtime.stop(session_id, session.runtime_state, 0)
+                tail = await runtime.stop(session_id, session.runtime_state, 0) or log_tail
             except RuntimeUnavailable as exc:
                 # The session has failed either way; its sandbox goes once the engine is back.
                 self._sweep.add(session.runtime)

@@ -69,7 +69,7 @@ class SessionInfo(BaseModel):
     )
     port: int = Field(
         description="The port OpenCode answers on at `url`: one of this host's range, or for "
-        "a Kubernetes session its Pod's."
+        "a running Kubernetes session the one in its `url` (else 0)."
     )
     workspace: str
     environment: str

@@ -7,18 +7,21 @@ stops it after if it started it. Each test's service has a namespace of its own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker
 import httpx
@@ -29,8 +32,11 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from codestation import SessionInfo, Settings, Status
+from codestation.errors import StartFailed
 from codestation.image import ensure_image
-from codestation.runtimes.kubernetes import LABEL_MANAGED, object_name
+from codestation.runtimes import LaunchSpec
+from codestation.runtimes.kubernetes import LABEL_MANAGED, KubernetesRuntime, object_name
+from codestation.workspaces import Workspace, open_workspace
 from tests.e2e.conftest import Model, Service, ServiceFactory, free_port
 from tests.e2e.test_agent_work import USER
 from tests.e2e.test_survival import store
@@ -93,6 +99,7 @@ def on_cluster(cluster: Cluster, namespace: str, launch_service: ServiceFactory)
     namespace, so its sessions are stopped before the namespace is checked."""
 
     def factory(size: int = 10, **settings: Any) -> Service:
+        settings.setdefault("kubernetes_reach", "pod")  # it runs on the node
         return launch_service(
             size,
             runtime="kubernetes",
@@ -250,6 +257,74 @@ def test_a_restarted_service_readopts_its_pods(
     assert same.metadata.uid == pod.metadata.uid
 
 
+@contextlib.contextmanager
+def pod_ips_unreachable() -> Iterator[None]:
+    """This host without a route to Pods' OpenCode, as a machine beside the cluster is: its
+    connections there fail at once (a router's "network unreachable"). The API server's
+    port-forward reaches the Pod's port inside the Pod's own network namespace: untouched."""
+    rule = ["OUTPUT", "-d", "10.244.77.0/24", "-p", "tcp", "--dport", "8080",
+            "-j", "REJECT", "--reject-with", "icmp-net-unreachable"]  # fmt: skip
+    subprocess.run(["iptables", "-I", *rule], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", *rule], check=True)
+
+
+def test_a_service_that_cannot_route_to_pods_reaches_them_through_port_forward(
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, workspace: Path
+) -> None:
+    (workspace / "made-on-host.txt").write_text("x" * 300_000)
+    with pod_ips_unreachable():
+        service = on_cluster(kubernetes_reach="auto")  # not in the cluster: port-forward
+        session = running(service, workspace)
+        pod = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+        with pytest.raises(OSError, match="unreachable"):
+            socket.create_connection((pod.status.pod_ip, 8080), 3).close()
+        url = urlsplit(session.url)
+        assert url.hostname == "127.0.0.1", session.url
+
+        assert through_proxy(service, session, "/global/health").json()["healthy"] is True
+        # Many round trips, and an answer of many frames, each through a tunnel of its own.
+        content = through_proxy(service, session, "/file/content?path=made-on-host.txt")
+        assert content.json()["content"] == "x" * 300_000
+        with open_terminal(service, session, "shell") as ws:
+            ws.send(json.dumps({"data": "ls /workspace; echo listed-$((6*7))\r"}))
+            seen = read_until(ws, "listed-42")
+        assert "made-on-host.txt" in seen
+
+        service.restart()  # its sessions are reached the same way, at a listener made anew
+        again = service.client.get(session.id)
+        assert again.status is Status.RUNNING
+        assert through_proxy(service, again, "/global/health").status_code == 200
+        listener = urlsplit(again.url).port
+        assert listener is not None
+
+        service.client.stop(session.id)
+        gone(cluster, namespace, object_name(session.id))
+        with pytest.raises(ConnectionRefusedError):  # its listener went with it
+            socket.create_connection(("127.0.0.1", listener), 3).close()
+
+
+def test_a_start_cut_off_before_it_recorded_its_pod_is_readopted_by_the_pods_name(
+    k8s_service: Service, cluster: Cluster, namespace: str, workspace: Path
+) -> None:
+    session = running(k8s_service, workspace)
+    pod = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+    k8s_service.stop_process(signal.SIGKILL)
+    with store(k8s_service) as db:  # killed after the Pod was made, before `start` returned
+        db.execute(
+            "UPDATE sessions SET status = 'starting', runtime_state = '{}' WHERE id = ?",
+            (session.id,),
+        )
+    k8s_service.restart()
+    again = k8s_service.client.wait(session.id, timeout=120)
+    assert again.status is Status.RUNNING, again.error
+    assert through_proxy(k8s_service, again, "/global/health").status_code == 200
+    same = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
+    assert same.metadata.uid == pod.metadata.uid
+
+
 def test_an_image_no_node_has_fails_the_start_with_the_reason(
     cluster: Cluster, namespace: str, on_cluster: ServiceFactory, workspace: Path
 ) -> None:
@@ -262,16 +337,11 @@ def test_an_image_no_node_has_fails_the_start_with_the_reason(
     gone(cluster, namespace, object_name(session.id))
 
 
-def test_a_workspace_on_a_shared_claim_is_the_agents_through_its_subpath(
-    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, tmp_path: Path
-) -> None:
-    # A volume of many workspaces, as a team's ReadWriteMany claim would be; here a hostPath
-    # PersistentVolume (the one node), which codestation sees at `root`.
-    root = tmp_path / "workspaces"
-    (root / "alice" / "project").mkdir(parents=True)
-    (root / "alice" / "project" / "notes.md").write_text("on the claim\n")
-    (root / "bob").mkdir()
-    (root / "bob" / "secret.txt").write_text("not alice's\n")
+@contextlib.contextmanager
+def shared_claim(cluster: Cluster, namespace: str, root: Path) -> Iterator[str]:
+    """A claim `workspaces` of a volume of many workspaces, as a team's ReadWriteMany claim
+    would be; here a hostPath PersistentVolume (the one node) at `root`, which codestation
+    sees there too."""
     volume = f"{namespace}-workspaces"
     cluster.core.create_persistent_volume(
         k8s.V1PersistentVolume(
@@ -298,11 +368,27 @@ def test_a_workspace_on_a_shared_claim_is_the_agents_through_its_subpath(
                 ),
             ),
         )
-        storage = {"volume": "claim", "claim": "workspaces", "root": str(root)}
+        yield "workspaces"
+    finally:
+        with contextlib.suppress(ApiException):
+            cluster.core.delete_namespaced_persistent_volume_claim("workspaces", namespace)
+        cluster.core.delete_persistent_volume(volume)
+
+
+def test_a_workspace_on_a_shared_claim_is_the_agents_through_its_subpath(
+    cluster: Cluster, namespace: str, on_cluster: ServiceFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "workspaces"
+    (root / "alice" / "project").mkdir(parents=True)
+    (root / "alice" / "project" / "notes.md").write_text("on the claim\n")
+    (root / "bob").mkdir()
+    (root / "bob" / "secret.txt").write_text("not alice's\n")
+    with shared_claim(cluster, namespace, root) as claim:
+        storage = {"volume": "claim", "claim": claim, "root": str(root)}
         service = on_cluster(
             environments=json.dumps({"default": {"kubernetes": storage}}),
         )
-        session = running(service, root / "alice" / "project")
+        session = running(service, root / "alice" / "project")  # the guard passed it
         pod = cluster.core.read_namespaced_pod(object_name(session.id), namespace)
         [mount] = [m for m in pod.spec.containers[0].volume_mounts if m.mount_path == "/workspace"]
         assert mount.sub_path == "alice/project"
@@ -318,10 +404,66 @@ def test_a_workspace_on_a_shared_claim_is_the_agents_through_its_subpath(
         assert f"is not inside {root}" in (refused.error or "")
         service.client.stop(session.id)
         assert (root / "alice" / "project" / "notes.md").read_text() == "on the claim\n"
-    finally:
-        with contextlib.suppress(ApiException):
-            cluster.core.delete_namespaced_persistent_volume_claim("workspaces", namespace)
-        cluster.core.delete_persistent_volume(volume)
+
+
+def test_the_guard_stops_opencode_on_another_directory_of_the_claim(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """What a swap between the check and the kubelet's mount by subPath leaves (see
+    test_workspace_race): the checked directory's path, another directory's identity. The
+    node mounts the claim under a device number of its own, so the guard goes by inode."""
+    root = tmp_path / "workspaces"
+    (root / "alice" / "project").mkdir(parents=True)
+    (root / "bob").mkdir()
+    with shared_claim(cluster, namespace, root) as claim:
+        storage = {"volume": "claim", "claim": claim, "root": str(root)}
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            kubernetes_config=cluster.kubeconfig,
+            kubernetes_namespace=namespace,
+            environments={"default": {"kubernetes": storage}},
+        )
+        engine = KubernetesRuntime(settings)
+        held = open_workspace(str(root / "alice" / "project"), [root], [])
+        other = os.stat(root / "bob")
+        impostor = Workspace(root / "alice" / "project", held.fd, 0, 0, other.st_dev, other.st_ino)
+        spec = LaunchSpec(
+            session_id="cs-guardtestaaaaaaa",
+            workspace=impostor,
+            address="",
+            port=0,
+            env={"OPENCODE_SERVER_PASSWORD": "x"},
+            profile=settings.environments["default"],
+            limits=settings.limits.model_copy(update={"cpus": 0.5}),
+            uid=0,
+            gid=0,
+        )
+
+        async def run() -> str:
+            """What the agent said: the guard exits before OpenCode serves, which `start` sees
+            when it ends before the Pod has its address, else the first `poll`."""
+            try:
+                state = await engine.start(spec)
+            except StartFailed as exc:
+                return f"start failed: {exc}\n{exc.log_tail}"
+            finally:
+                held.close()
+            try:
+                deadline = time.monotonic() + 60
+                while (ended := await engine.poll(spec.session_id, state)) is None:
+                    assert time.monotonic() < deadline, "OpenCode kept running"
+                    await asyncio.sleep(0.2)
+                assert ended.code == 97, ended
+                return await engine.logs(spec.session_id, state, 20)
+            finally:
+                await engine.stop(spec.session_id, state, 0)
+                await engine.close()
+
+        logged = asyncio.run(run())
+    if logged.startswith("start failed: "):
+        assert "exited with status 97" in logged
+    assert "/workspace was replaced while the session started" in logged
+    assert "opencode server listening" not in logged
 
 
 def test_an_agent_out_of_memory_fails_saying_so(

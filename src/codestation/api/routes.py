@@ -114,7 +114,7 @@ def info(manager: SessionManager, s: Session) -> SessionInfo:
         started_from="pool" if s.started_from == "pool" else "cold",
         phases=s.phases,
         agent=_busy(manager.busy.get(s.id)) if s.status is Status.RUNNING else None,
-        port=manager.agent_address(s)[1] if s.port == 0 else s.port,
+        port=s.port or (manager.agent_address(s)[1] if s.status is Status.RUNNING else 0),
         workspace=str(s.workspace),
         environment=s.environment,
         created_at=s.created_at,

@@ -20,9 +20,11 @@ Rules for each method:
 - `local`: whether sessions run on this host. A local runtime's sessions each take a port of
   the host's range (`spec.port`) and count against the host's memory budget; a remote one's
   (Kubernetes) take neither, and `spec.port` is 0.
-- `address(port, state)`: the host and port codestation reaches the session's OpenCode at (its
-  probes, the proxy, terminals, prompts). By default the port published on this host.
-- `url(port, state)`: where a client reaches OpenCode directly: the session's `url`.
+- `address(session_id, port, state)`: the host and port codestation reaches the session's
+  OpenCode at (its probes, the proxy, terminals, prompts). By default the port published on
+  this host. Cheap and synchronous (it is asked for each request), called on the service's
+  event loop, while the session starts or runs.
+- `url(session_id, port, state)`: where a client reaches OpenCode directly: the session's `url`.
 - `enforced(limits)`: the part of `limits` this runtime applies to a session, as JSON (`{}`
   if it can apply none); shown with the session.
 - `check()`: raise RuntimeUnavailable, saying how to fix it, if sessions cannot start now.
@@ -121,10 +123,10 @@ class Runtime(ABC):
     @abstractmethod
     def inside_port(self, port: int) -> int: ...
 
-    def address(self, port: int, state: State) -> tuple[str, int]:
+    def address(self, session_id: str, port: int, state: State) -> tuple[str, int]:
         return (self.settings.local_host, port)
 
-    def url(self, port: int, state: State) -> str:
+    def url(self, session_id: str, port: int, state: State) -> str:
         return f"http://{self.settings.session_host}:{port}"
 
     @abstractmethod

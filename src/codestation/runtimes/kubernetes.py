@@ -12,15 +12,16 @@ Workspaces (`[environments.<name>.kubernetes]`): a hostPath of the workspace's o
 node, the machine codestation checks workspaces on), or a subPath of a PersistentVolumeClaim
 of many workspaces that codestation sees mounted at `root`.
 
-codestation reaches OpenCode at the Pod's IP, port 8080, so it must be able to route to Pod IPs
-(it runs in the cluster, or on a node). The API server's Pod proxy would not do: it strips the
-Authorization header OpenCode needs. Readiness is codestation's own probe, as for the other
-runtimes: a probe in the Pod's spec would have to carry the password.
+codestation reaches OpenCode at the Pod's IP, port 8080, where it can route to Pod IPs (it
+runs in the cluster, or on a node), else through the API server's port-forward
+(`portforward.py`; `kubernetes_reach` chooses). The API server's Pod proxy would not do: it
+strips the Authorization header OpenCode needs. Readiness is codestation's own probe, as for
+the other runtimes: a probe in the Pod's spec would have to carry the password.
 
-Pods are labelled with the session id and a hash of the service's data directory, which is how
-they are found again after a restart. A watch of those Pods (`ended`) tells the manager at once
-when one ends; `poll` reads the Pod and says why: its container's end (OOMKilled; an exit code),
-an eviction, a deletion, a lost node.
+Pods are labelled with the session id and the service's id (random, kept in its data
+directory), which is how they are found again after a restart. A watch of those Pods
+(`ended`) tells the manager at once when one ends; `poll` reads the Pod and says why: its
+container's end (OOMKilled; an exit code), an eviction, a deletion, a lost node.
 
 The official client is synchronous; calls run in worker threads.
 """
@@ -35,6 +36,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -52,6 +54,7 @@ from codestation.config import EnvironmentProfile, KubernetesStorage, Limits, Se
 from codestation.errors import RuntimeUnavailable, StartFailed
 from codestation.image import image_tag
 from codestation.runtimes.base import Exit, LaunchSpec, Report, Runtime, State, pumped
+from codestation.runtimes.portforward import PortForwards
 from codestation.workspaces import Workspace
 
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
@@ -66,6 +69,11 @@ SERVICE_ID_FILE = "kubernetes-service"
 # long a Pod removed by force may take to go.
 CONFIRM_TIMEOUT = 10.0
 GONE_TIMEOUT = 30.0
+# How long any one call may wait for the API server (a watch: beyond its own end), so that a
+# server that took the connection and never answers fails the call instead of holding a thread.
+CALL = 30.0
+# The most of a log's last lines read at once.
+TAIL_BYTES = 64 * 1024
 # Transport failures of the client: the API server is unreachable or went away.
 UNREACHABLE = (urllib3.exceptions.HTTPError, OSError)
 
@@ -89,6 +97,13 @@ class KubernetesRuntime(Runtime):
         # Its own threads: a slow API server, or many stops waiting for their Pods, must not
         # hold up the other runtimes' calls (asyncio's default pool is shared and small).
         self._threads = concurrent.futures.ThreadPoolExecutor(32, "kubernetes")
+        self.forwards = PortForwards(
+            lambda: self.core.api_client.configuration,
+            self.namespace,
+            agent.CONTAINER_PORT,
+            self._threads,
+        )
+        self._in_cluster = False  # whether it runs in the cluster, by its Pod's account
 
     @property
     def service(self) -> str:
@@ -134,6 +149,7 @@ class KubernetesRuntime(Runtime):
             k8s_config.load_incluster_config(client_configuration=configuration)
         except k8s_config.ConfigException:
             return k8s_config.new_client_from_config()  # $KUBECONFIG, else ~/.kube/config
+        self._in_cluster = True
         return k8s.ApiClient(configuration)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -155,11 +171,15 @@ class KubernetesRuntime(Runtime):
     def inside_port(self, port: int) -> int:
         return agent.CONTAINER_PORT
 
-    def address(self, port: int, state: State) -> tuple[str, int]:
-        return (str(state.get("ip", "")), agent.CONTAINER_PORT)
+    def address(self, session_id: str, port: int, state: State) -> tuple[str, int]:
+        ip = state.get("ip")
+        # A start cut off before it said where its Pod is (a restart) is reached by name.
+        if not ip or state.get("reach") == "port-forward":
+            return self.forwards.address(object_name(session_id))
+        return (str(ip), agent.CONTAINER_PORT)
 
-    def url(self, port: int, state: State) -> str:
-        host, inside = self.address(port, state)
+    def url(self, session_id: str, port: int, state: State) -> str:
+        host, inside = self.address(session_id, port, state)
         return f"http://{f'[{host}]' if ':' in host else host}:{inside}"
 
     def enforced(self, limits: Limits) -> dict[str, Any]:
@@ -208,7 +228,7 @@ class KubernetesRuntime(Runtime):
         policy = network_policy(spec.profile, self.service)
         if policy is not None and policy.spec is not None:
             labels.update(policy.spec.pod_selector.match_labels or {})
-        volumes, mounts, guarded = self._workspace(storage, workspace)
+        volumes, mounts = self._workspace(storage, workspace)
         tmp = k8s.V1EmptyDirVolumeSource(
             medium="Memory" if spec.limits.tmp else None,
             size_limit=str(size_bytes(spec.limits.tmp)) if spec.limits.tmp else None,
@@ -233,8 +253,10 @@ class KubernetesRuntime(Runtime):
             name=CONTAINER,
             image=self.image_for(spec.profile),
             image_pull_policy="IfNotPresent",
+            # A claim is the same file system that codestation checked, mounted on the node
+            # under a device number of its own: its files keep their inode numbers.
             command=agent.serve_command(
-                "0.0.0.0", agent.CONTAINER_PORT, workspace if guarded else None
+                "0.0.0.0", agent.CONTAINER_PORT, workspace, inode_only=storage.volume == "claim"
             ),
             working_dir="/workspace",
             env=[k8s.V1EnvVar(name="HOME", value="/tmp")],
@@ -273,37 +295,51 @@ class KubernetesRuntime(Runtime):
         try:
             if policy is not None:
                 self._ensure_policy(policy)
-            self.core.create_namespaced_secret(self.namespace, secret)
-            made = self.core.create_namespaced_pod(self.namespace, pod)
+            self.core.create_namespaced_secret(self.namespace, secret, _request_timeout=CALL)
+            made = self.core.create_namespaced_pod(self.namespace, pod, _request_timeout=CALL)
             # The Secret goes with its Pod, whoever deletes it.
             owner = {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": made.metadata.uid}
             self.core.patch_namespaced_secret(
-                name, self.namespace, {"metadata": {"ownerReferences": [owner]}}
+                name,
+                self.namespace,
+                {"metadata": {"ownerReferences": [owner]}},
+                _request_timeout=CALL,
             )
             ip = self._placed(name)
+            reach = self.settings.kubernetes_reach
+            if reach == "auto":
+                # Only in the cluster is a Pod's IP surely the Pod's: elsewhere it may be no
+                # route at all, or another machine of the same private range, which would
+                # be sent the session's password.
+                reach = "pod" if self._in_cluster else "port-forward"
         except (ApiException, *UNREACHABLE) as exc:
             self._undo(name)
             reason = _api_message(exc) if isinstance(exc, ApiException) else str(exc)
             raise StartFailed(f"Kubernetes could not start the session's Pod: {reason}") from exc
-        except StartFailed:
+        except StartFailed as exc:
+            # What the agent said goes with its Pod: read first, for the failure's record.
+            tail = ""
+            with contextlib.suppress(*UNREACHABLE):
+                tail = self._tail(name, self.settings.log_tail_lines)
             self._undo(name)
-            raise
-        return {"pod": name, "namespace": self.namespace, "ip": ip}
+            raise StartFailed(str(exc), log_tail=tail) from exc
+        uid = made.metadata.uid
+        return {"pod": name, "namespace": self.namespace, "ip": ip, "uid": uid, "reach": reach}
 
     def _ensure_policy(self, policy: k8s.V1NetworkPolicy) -> None:
         """The environment's policy, made once: its name is a hash of what it says."""
         try:
-            self.networking.create_namespaced_network_policy(self.namespace, policy)
+            self.networking.create_namespaced_network_policy(
+                self.namespace, policy, _request_timeout=CALL
+            )
         except ApiException as exc:
             if exc.status != 409:  # 409: made already, by this start or an earlier one
                 raise
 
     def _workspace(
         self, storage: KubernetesStorage, workspace: Workspace
-    ) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount], bool]:
-        """The volumes and mounts that put `workspace` (and its pinned paths) at /workspace,
-        and whether the guard can check them by device and inode (only where the node's file
-        system is this machine's)."""
+    ) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+        """The volumes and mounts that put `workspace` (and its pinned paths) at /workspace."""
         if storage.volume == "hostPath":
             volumes = [_host_path("workspace", workspace.current_path, "Directory")]
             mounts = [k8s.V1VolumeMount(name="workspace", mount_path="/workspace")]
@@ -317,7 +353,7 @@ class KubernetesRuntime(Runtime):
                         read_only=pin.read_only,
                     )
                 )
-            return volumes, mounts, True
+            return volumes, mounts
         assert storage.root is not None  # KubernetesStorage checks both
         assert storage.claim is not None
         where = Path(workspace.current_path)
@@ -325,6 +361,13 @@ class KubernetesRuntime(Runtime):
             raise StartFailed(
                 f"workspace {where} is not inside {storage.root}, where this environment's "
                 f"claim {storage.claim} is mounted: start sessions on directories beneath it"
+            )
+        # The guard goes by inode there, and inode numbers are one file system's own.
+        device = os.stat(storage.root).st_dev
+        if any(d != device for d in (workspace.device, *(p.device for p in workspace.pinned))):
+            raise StartFailed(
+                f"workspace {where} is on another file system than {storage.root} (a mount or "
+                "a subvolume inside the claim): start sessions on the claim's own directories"
             )
         claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=storage.claim)
         volumes = [k8s.V1Volume(name="workspace", persistent_volume_claim=claim)]
@@ -339,7 +382,7 @@ class KubernetesRuntime(Runtime):
                     read_only=pin.read_only,
                 )
             )
-        return volumes, mounts, False
+        return volumes, mounts
 
     def _placed(self, name: str) -> str:
         """The Pod's IP once it has one; StartFailed if it ends or never gets one."""
@@ -351,6 +394,7 @@ class KubernetesRuntime(Runtime):
                 self.namespace,
                 field_selector=f"metadata.name={name}",
                 timeout_seconds=int(PLACED_TIMEOUT),
+                _request_timeout=PLACED_TIMEOUT + CALL,
             ):
                 pod: k8s.V1Pod = event["object"]
                 last = pod
@@ -384,7 +428,7 @@ class KubernetesRuntime(Runtime):
     def _delete(self, name: str, grace: int) -> None:
         for delete in (self.core.delete_namespaced_pod, self.core.delete_namespaced_secret):
             try:
-                delete(name, self.namespace, grace_period_seconds=grace)
+                delete(name, self.namespace, grace_period_seconds=grace, _request_timeout=CALL)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
@@ -394,7 +438,7 @@ class KubernetesRuntime(Runtime):
 
     def _pod_named(self, name: str) -> k8s.V1Pod | None:
         try:
-            return self.core.read_namespaced_pod(name, self.namespace)
+            return self.core.read_namespaced_pod(name, self.namespace, _request_timeout=CALL)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -404,6 +448,9 @@ class KubernetesRuntime(Runtime):
         pod = await self._call(self._pod, session_id)
         if pod is None:
             return Exit(reason="its Pod is gone")
+        if state.get("uid") and pod.metadata and pod.metadata.uid != state["uid"]:
+            # Its name taken by another Pod since: not the session's agent, nor its address.
+            return Exit(reason="its Pod was deleted and another made in its place")
         ended = why_ended(pod)
         if ended is None:
             waiting = why_stuck(pod)  # it would wait for ever: a missing image, a bad spec
@@ -412,10 +459,13 @@ class KubernetesRuntime(Runtime):
         return Exit(reason=ended, code=code, oom_killed=oom)
 
     async def stop(self, session_id: str, state: State, grace: float) -> str:
-        return await self._call(self._stop, session_id, grace)
+        try:
+            return await self._call(self._stop, session_id, grace)
+        finally:
+            await self.forwards.close(object_name(session_id))
 
     def _stop(self, session_id: str, grace: float) -> str:
-        tail = self._tail(session_id, self.settings.log_tail_lines)
+        tail = self._tail(object_name(session_id), self.settings.log_tail_lines)
         # Never 0, which the API server takes as removal by force: the kubelet may not have
         # ended the agent yet (nor ever, on a lost node).
         name, grace = object_name(session_id), max(math.ceil(grace), 1)
@@ -441,17 +491,22 @@ class KubernetesRuntime(Runtime):
             time.sleep(0.2)
         return True
 
-    def _tail(self, session_id: str, lines: int) -> str:
+    def _tail(self, name: str, lines: int) -> str:
         try:
             text = self.core.read_namespaced_pod_log(
-                object_name(session_id), self.namespace, container=CONTAINER, tail_lines=lines
+                name,
+                self.namespace,
+                container=CONTAINER,
+                tail_lines=lines,
+                limit_bytes=TAIL_BYTES,  # lines of any length are the agent's to write
+                _request_timeout=CALL,
             )
         except ApiException:  # gone, or never started a container
             return ""
         return str(text)
 
     async def logs(self, session_id: str, state: State, tail: int) -> str:
-        return await self._call(self._tail, session_id, tail)
+        return await self._call(self._tail, object_name(session_id), tail)
 
     async def follow(self, session_id: str, state: State, tail: int) -> AsyncIterator[bytes]:
         try:
@@ -463,6 +518,8 @@ class KubernetesRuntime(Runtime):
                     tail_lines=tail,
                     follow=True,
                     _preload_content=False,
+                    # A log may say nothing for hours: no read timeout (urllib3 takes None).
+                    _request_timeout=(CALL, None),  # type: ignore[arg-type]
                 )
             )
         except ApiException:  # 404: the Pod is gone
@@ -488,8 +545,12 @@ class KubernetesRuntime(Runtime):
         # session's password and keys until it is removed.
         def listed() -> list[k8s.V1ObjectMeta]:
             ns, ours = self.namespace, self.selector
-            pods = self.core.list_namespaced_pod(ns, label_selector=ours).items
-            secrets = self.core.list_namespaced_secret(ns, label_selector=ours).items
+            pods = self.core.list_namespaced_pod(
+                ns, label_selector=ours, _request_timeout=CALL
+            ).items
+            secrets = self.core.list_namespaced_secret(
+                ns, label_selector=ours, _request_timeout=CALL
+            ).items
             metas = [p.metadata for p in pods] + [s.metadata for s in secrets]
             return [m for m in metas if m is not None]
 
@@ -500,6 +561,7 @@ class KubernetesRuntime(Runtime):
         }
 
     async def close(self) -> None:
+        await self.forwards.close_all()
         if self._core is not None:
             self._core.api_client.close()
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -678,6 +740,7 @@ class _PodEvents:
                     self.namespace,
                     label_selector=self.selector,
                     timeout_seconds=300,
+                    _request_timeout=300 + CALL,
                 ):
                     yield event["object"]
             except (ApiException, *UNREACHABLE):
