@@ -100,10 +100,19 @@ spawn() {  # spawn NAME COMMAND...: in the background, its pid and log under $RU
 
 kctl() { "$KUBE_CACHE/bin/kubectl" --kubeconfig "$KUBE_STATE/kubeconfig" "$@"; }
 
+# Whether every part of the cluster runs and the node's dockerd answers: a part that died (a
+# test that restarts "dockerd" must mean the host's, but may not) makes `start` start anew.
+running() {
+  local name
+  for name in etcd apiserver controllers scheduler kubelet dockerd; do
+    [ -f "$RUN/$name.pid" ] && kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null || return 1
+  done
+  docker -H "unix://$DOCKER_SOCK" info >/dev/null 2>&1
+}
+
 start() {
   build
-  [ -f "$RUN/kubelet.pid" ] && kill -0 "$(cat "$RUN/kubelet.pid")" 2>/dev/null \
-    && { load_images "$@"; say "already running"; echo "$KUBE_STATE/kubeconfig"; return; }
+  running && { load_images "$@"; say "already running"; echo "$KUBE_STATE/kubeconfig"; return; }
   stop >/dev/null 2>&1 || true
   local bin=$KUBE_CACHE/bin
   mkdir -p "$RUN" "$KUBE_STATE"/{pki,etcd,kubelet,docker,docker-exec,plugins,dockershim}

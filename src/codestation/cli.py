@@ -10,7 +10,7 @@ import re
 import resource
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from codestation import __version__, logformat
 from codestation.changes import Changes
 from codestation.client import DEFAULT_URL, Client, Session
 from codestation.config import Settings, config_file_path, masked
 from codestation.errors import CodestationError, Unauthorized
+from codestation.logformat import LogFormat
 from codestation.schemas import Reply, SessionInfo
 from codestation.sessions import Status
 
@@ -48,6 +49,25 @@ app.add_typer(user_app, name="user")
 
 out = Console()
 err = Console(stderr=True)
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        out.print(f"codestation {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """OpenCode coding agents in sandboxes, one per workspace."""
+
 
 UrlOption = Annotated[
     str, typer.Option("--url", envvar="CODESTATION_URL", help="Where the service answers.")
@@ -148,6 +168,10 @@ def _print_session(session: SessionInfo) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(help="text (for people) or json (one object per line); else log_format."),
+    ] = None,
 ) -> None:
     """Run the codestation service (the API on http://127.0.0.1:8585 by default)."""
     import asyncio
@@ -160,28 +184,24 @@ def serve(
     settings = Settings()
     settings.host = host or settings.host
     settings.port = port or settings.port
+    settings.log_format = log_format or settings.log_format
+    logformat.configure(settings.log_format)
+    say = _sayer(settings.log_format)
     # Say plainly, before the server starts, which runtime sessions get, or why none can run.
     try:
         chosen = asyncio.run(choose_runtime(settings, make_runtimes(settings)))
     except CodestationError as exc:
         raise _fail(str(exc)) from None
     how = "chosen automatically" if settings.runtime == "auto" else "as configured"
-    err.print(f"codestation: sessions run in {chosen} ({how}); data in {settings.data_dir}")
-    _first_admin(settings)
+    say(f"codestation: sessions run in {chosen} ({how}); data in {settings.data_dir}")
+    _first_admin(settings, say)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.public_url:
-        err.print(
-            f"[yellow]codestation listens on {settings.host}, beyond this machine, over plain "
+        say(
+            f"codestation listens on {settings.host}, beyond this machine, over plain "
             "HTTP: put a TLS proxy in front and set public_url (see the README's Security "
-            "section).[/yellow]"
+            "section).",
+            logging.WARNING,
         )
-    # Rich for a person at a terminal; plain lines, never wrapped, for a file or a journal.
-    handler: logging.Handler = (
-        RichHandler(show_path=False) if sys.stderr.isatty() else logging.StreamHandler()
-    )
-    fmt = "%(message)s" if sys.stderr.isatty() else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt, handlers=[handler])
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe
-    logging.getLogger("uvicorn.access").addFilter(_redact)
     # Every proxied request, stream and terminal holds descriptors: take all the kernel allows.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -196,7 +216,22 @@ def serve(
     )
 
 
-def _first_admin(settings: Settings) -> None:
+def _sayer(form: LogFormat) -> Callable[..., None]:
+    """How serve speaks before the server runs: to a person on stderr, or as log lines
+    (in JSON, where stderr must hold nothing else)."""
+    log = logging.getLogger("codestation")
+
+    def say(text: str, level: int = logging.INFO) -> None:
+        if form == "json":
+            log.log(level, text)
+        else:
+            style = "yellow" if level >= logging.WARNING else None
+            err.print(text, style=style, highlight=False, soft_wrap=True)
+
+    return say
+
+
+def _first_admin(settings: Settings, say: Callable[..., None]) -> None:
     """With no admin yet, make one and print a login link, once; the CLI on this machine finds
     the token in the token file (written only where none works already)."""
     from codestation.accounts import CODE_MINUTES, Accounts
@@ -223,31 +258,15 @@ def _first_admin(settings: Settings) -> None:
             saved = ""
     finally:
         store.close()
-    err.print(
+    say(
         f"codestation: made the admin token {token.id}{saved}. Log in with this one-time link "
         f"(valid {CODE_MINUTES:g} minutes; `codestation token link {token.id}` makes another):"
     )
-    err.print(f"  {_link(settings, code)}", highlight=False, soft_wrap=True)
+    say(f"  {_link(settings, code)}")
 
 
 def _link(settings: Settings, code: str) -> str:
     return f"{settings.service_url}/login?token={code}"
-
-
-class _Redact(logging.Filter):
-    """Keep query strings (a login link's code, a session host's ticket, whatever a client
-    put there) out of the access log, however they are encoded."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                a.split("?", 1)[0] + "?[query hidden]" if isinstance(a, str) and "?" in a else a
-                for a in record.args
-            )
-        return True
-
-
-_redact = _Redact()
 
 
 @app.command()

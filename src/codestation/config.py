@@ -465,6 +465,18 @@ class Settings(BaseSettings):
         "(port-forward: from anywhere the API server answers, slower), or the Pod's IP where "
         "this host routes to it, else port-forward (auto).",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="How `codestation serve` logs: text for people, or json (one object per "
+        "line: time, level, logger, event, session, user; a request's client, method, path, "
+        "status).",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        min_length=32,
+        description="A token that may read GET /metrics and nothing else (a Prometheus "
+        "scraper's, as `Authorization: Bearer ...`); unset: only admins' tokens may.",
+    )
     environments: dict[str, EnvironmentProfile] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -52,6 +52,7 @@ from codestation.errors import (
     UnknownEnvironment,
 )
 from codestation.identity import Caller
+from codestation.metrics import Metrics, Now
 from codestation.pool import Pool
 from codestation.ports import PortAllocator
 from codestation.runtimes import LaunchSpec, Runtime, State, choose_runtime
@@ -74,8 +75,15 @@ CLAIM_WAIT = 2.0
 
 
 class SessionManager:
-    def __init__(self, settings: Settings, store: Store, runtimes: dict[str, Runtime]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runtimes: dict[str, Runtime],
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.store = store
         self.runtimes = runtimes
         self.default_runtime = ""  # chosen by `open`
@@ -321,6 +329,7 @@ class SessionManager:
         why = session.due(now())
         if why is not None:
             log.info("session %s: stopping, %s", session.id, why.replace("_", " "))
+            self.metrics.culls.labels(why).inc()
             with contextlib.suppress(RuntimeUnavailable):  # stopped once its engine is back
                 await self._stop(session.id, why)
 
@@ -536,7 +545,8 @@ class SessionManager:
         task.add_done_callback(lambda _: opened.close())
         log.info("session %s of %s starting (%s) in %s%s for %s",
                  session.id, caller.user, session.started_from, runtime.name,
-                 f" on port {session.port}" if session.port else "", opened.path)  # fmt: skip
+                 f" on port {session.port}" if session.port else "", opened.path,
+                 extra={"session": session.id, "user": session.owner})  # fmt: skip
         if member is not None:
             await asyncio.wait({task}, timeout=CLAIM_WAIT)  # never cancels it
             return self._load(session.id)
@@ -639,6 +649,20 @@ class SessionManager:
             "memory_budget": self.memory_budget,
             "pool_ready": self.pool.ready(),
         }
+
+    def census(self, terminals: int) -> Now:
+        """What is, for the metrics: sessions by status and runtime, capacity, the pool."""
+        _, reserved = self.store.usage()
+        counted = collections.Counter((s.status.value, s.runtime) for s in self.store.list())
+        return Now(
+            sessions=dict(counted),
+            pool_ready=sum(self.pool.ready().values()),
+            max_sessions=self.settings.max_live_sessions,
+            memory_reserved=reserved,
+            memory_budget=self.memory_budget,
+            terminals=terminals,
+            event_streams=self._streams.total(),
+        )
 
     def _uid_of(self, user: str) -> int | None:
         """The Unix uid whose workspaces `user` may start sessions on."""
@@ -752,12 +776,19 @@ class SessionManager:
                 else s
             ),
         )
-        log.info("session %s running at %s", session_id, self.url(session))
+        if session.status is Status.RUNNING and session.started_at is not None:
+            took_all = (session.started_at - session.created_at).total_seconds()
+            self.metrics.starts.labels(session.runtime, session.started_from).observe(took_all)
+        log.info("session %s running at %s", session_id, self.url(session),
+                 extra={"session": session_id, "user": session.owner})  # fmt: skip
 
     async def _start_failed(self, session_id: str, exc: Exception) -> None:
         if not isinstance(exc, CodestationError):
             log.exception("session %s: unexpected error while starting", session_id)
         reason = str(exc) if isinstance(exc, CodestationError) else f"internal error: {exc!r}"
+        code = exc.code if isinstance(exc, CodestationError) else "internal_error"
+        runtime = session.runtime if (session := self.store.get(session_id)) else ""
+        self.metrics.start_failures.labels(runtime, code).inc()
         await self._fail(session_id, reason, exc.log_tail if isinstance(exc, StartFailed) else "")
 
     async def _launch_sandbox(
@@ -811,7 +842,8 @@ class SessionManager:
                 session.advance(Status.FAILED, error=error, log_tail=tail or None, step=None)
             )
         self.snapshots.discard(session_id)
-        log.warning("session %s failed: %s", session_id, reason)
+        log.warning("session %s failed: %s", session_id, reason,
+                    extra={"session": session_id, "user": session.owner})  # fmt: skip
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -893,7 +925,8 @@ class SessionManager:
             session = session.advance(Status.STOPPED, log_tail=tail or session.log_tail, step=None)
             self._save(session)
         self.snapshots.discard(session_id)
-        log.info("session %s stopped", session_id)
+        log.info("session %s stopped", session_id,
+                 extra={"session": session_id, "user": session.owner})  # fmt: skip
         return session
 
     # -- changes, as a stream -------------------------------------------------------------

@@ -50,6 +50,10 @@ class Terminals:
     async def close(self) -> None:
         await self._http.aclose()
 
+    def attached(self) -> int:
+        """Terminals a browser is attached to now."""
+        return sum(1 for t in self._open.values() if t.detached_at is None)
+
     def _url(self, session: Session) -> str:
         return self._agent_url(session)
 

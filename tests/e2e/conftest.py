@@ -76,6 +76,7 @@ class Service:
     process: subprocess.Popen[bytes]
     env: dict[str, str]
     log: Path
+    command: list[str]  # `codestation serve`, as this test runs it
     token: str = ""  # the admin token its first start made
     client: Client = field(init=False)
 
@@ -117,8 +118,8 @@ class Service:
         cookie for the service: the host's state cookie, the service's ticket, the host's door.
         Returns the host's own login cookie."""
         host = f"{session_id}.localhost:{self.port}"
-        page = {"Accept": "text/html", "Host": host}
-        to_service = http.get("/", headers=page, follow_redirects=False)
+        as_page = {"Accept": "text/html", "Host": host}
+        to_service = http.get("/", headers=as_page, follow_redirects=False)
         assert to_service.status_code == 303, to_service.text
         state = to_service.cookies["codestation_state"]
         back = http.get(to_service.headers["location"], follow_redirects=False)
@@ -191,13 +192,17 @@ class Service:
     def restart(self, sig: int = 15) -> None:
         """Stop the service process and start another on the same data, port and range."""
         self.stop_process(sig)
-        self.process = _spawn(self.env, self.log)
+        self.process = _spawn(self.command, self.env, self.log)
         _wait_healthy(self)
 
 
-def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+# The service from this checkout, as the tests' own Python runs it.
+SERVE = [sys.executable, "-m", "codestation.cli", "serve"]
+
+
+def _spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "codestation.cli", "serve"],
+        command,
         env=env,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
@@ -218,7 +223,11 @@ def _wait_healthy(service: Service) -> None:
 
 
 def launch(
-    tmp_path: Path, ports: tuple[int, int], extra_env: dict[str, str], **settings: str
+    tmp_path: Path,
+    ports: tuple[int, int],
+    extra_env: dict[str, str],
+    command: list[str] = SERVE,
+    **settings: str,
 ) -> Service:
     data_dir = tmp_path / f"data-{len(list(tmp_path.glob('data-*')))}"
     port = free_port()
@@ -238,7 +247,8 @@ def launch(
     }
     env.pop("CODESTATION_CONFIG", None)
     log = tmp_path / f"service-{port}.log"
-    service = Service(f"http://127.0.0.1:{port}", data_dir, ports, _spawn(env, log), env, log)
+    process = _spawn(command, env, log)
+    service = Service(f"http://127.0.0.1:{port}", data_dir, ports, process, env, log, command)
     _wait_healthy(service)
     service.token = Path(env["CODESTATION_TOKEN_FILE"]).read_text().strip()
     service.client = service.client_for(service.token)
@@ -263,8 +273,13 @@ def launch_service(tmp_path: Path) -> Iterator[ServiceFactory]:
     """Start a service with exactly these settings (and extra environment variables in `env`)."""
     started: list[Service] = []
 
-    def factory(size: int = 10, env: dict[str, str] | None = None, **settings: str) -> Service:
-        service = launch(tmp_path, free_range(size), env or {}, **settings)
+    def factory(
+        size: int = 10,
+        env: dict[str, str] | None = None,
+        command: list[str] = SERVE,
+        **settings: str,
+    ) -> Service:
+        service = launch(tmp_path, free_range(size), env or {}, command, **settings)
         started.append(service)
         return service
 
@@ -432,3 +447,7 @@ def model() -> Iterator[Model]:
     server.wait(10)
     with contextlib.suppress(subprocess.CalledProcessError):
         sh("ip", "netns", "del", name)
+
+
+# A real browser's fixtures, for every test that asks for one.
+from tests.e2e.browser import browser, console, new_context, page  # noqa: E402, F401

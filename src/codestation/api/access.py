@@ -55,6 +55,9 @@ OURS = (SERVICE_COOKIE, SESSION_COOKIE, STATE_COOKIE)
 CSRF_HEADER = "x-csrf-token"
 TICKET_PATH = "/_codestation/auth"  # a session host's door: a ticket in, a cookie out
 PUBLIC = {"/healthz", "/login", "/static/style.css", "/static/login.js"}
+METRICS_PATH = "/metrics"
+# Who reads the metrics with `metrics_token`: no user's account, and no admin.
+SCRAPER = Caller(user="", admin=False, token_id="metrics")
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
@@ -225,6 +228,8 @@ class Access:
         scheme = scheme.lower()
         if scheme in ("bearer", "basic"):
             token = credential.strip() if scheme == "bearer" else _basic_password(credential)
+            if self._scraper(scope, session_id, token):
+                return SCRAPER
             found = accounts.by_token(token) if token else None
             if found is None:
                 raise Unauthorized(
@@ -240,6 +245,17 @@ class Access:
             if found is not None:
                 return found
         return None
+
+    def _scraper(self, scope: Scope, session_id: str | None, token: str) -> bool:
+        """Whether this is a request for the metrics with `metrics_token`."""
+        wanted = self.settings.metrics_token
+        return (
+            wanted is not None
+            and session_id is None
+            and scope["type"] == "http"
+            and scope["path"] == METRICS_PATH
+            and hmac.compare_digest(token.encode(), wanted.get_secret_value().encode())
+        )
 
     def _check_cross_site(self, scope: Scope, who: Caller | None, session_id: str | None) -> None:
         headers = Headers(scope=scope)

@@ -23,6 +23,7 @@ from codestation.api.routes import router
 from codestation.config import Settings
 from codestation.errors import CodestationError
 from codestation.manager import SessionManager
+from codestation.metrics import Metrics
 from codestation.runtimes import make_runtimes
 from codestation.store import Store
 from codestation.terminals import Terminals
@@ -51,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.db_path)
-        manager = SessionManager(settings, store, make_runtimes(settings))
+        manager = SessionManager(settings, store, make_runtimes(settings), app.state.metrics)
         try:
             await manager.open()
         except BaseException:
@@ -81,6 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
+    # Read at each scrape, from whatever the lifespan made last.
+    app.state.metrics.watch(lambda: app.state.manager.census(app.state.terminals.attached()))
     app.include_router(router)
     app.include_router(login.router)
     web.mount(app)

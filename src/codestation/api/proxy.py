@@ -54,6 +54,7 @@ from codestation.api.access import (
 from codestation.api.web import PAGES
 from codestation.errors import CodestationError, NotRunning, SessionNotFound
 from codestation.manager import SessionManager
+from codestation.metrics import Metrics
 from codestation.sessions import Session, Status
 
 # Connecting and sending are bounded; an answer may take as long as a turn or an event stream.
@@ -135,12 +136,13 @@ class SessionProxy:
             await _refuse_busy(scope, send, session.id, most)
             return
         upstream = manager.agent_address(session)
+        counted: Metrics = scope["app"].state.metrics
         self._in_flight[session.id] += 1
         try:
             if scope["type"] == "websocket":
-                await self._websocket(scope, receive, send, manager, session, upstream)
+                await self._websocket(scope, receive, send, manager, session, upstream, counted)
             else:
-                await self._http_request(scope, receive, send, session, upstream)
+                await self._http_request(scope, receive, send, session, upstream, counted)
         finally:
             self._in_flight[session.id] -= 1
             if not self._in_flight[session.id]:
@@ -153,7 +155,9 @@ class SessionProxy:
         send: Send,
         session: Session,
         upstream: tuple[str, int],
+        counted: Metrics,
     ) -> None:
+        counted.http_requests.inc()
         headers = [("host", f"{upstream[0]}:{upstream[1]}"), *_upstream_headers(scope, session)]
         body_sent = asyncio.Event()
         target = scope["raw_path"] + (
@@ -165,10 +169,10 @@ class SessionProxy:
         content: AsyncIterator[bytes] | bytes = b""
         if "content-length" in sent:
             headers.append(("content-length", sent["content-length"]))
-            content = _body(receive, body_sent)
+            content = _body(receive, body_sent, counted)
         elif "transfer-encoding" in sent:
             headers.append(("transfer-encoding", "chunked"))
-            content = _body(receive, body_sent)
+            content = _body(receive, body_sent, counted)
         else:  # no body: sent as none, not as an empty chunked one OpenCode would wait on
             body_sent.set()
         request = httpcore.Request(
@@ -198,6 +202,7 @@ class SessionProxy:
             )
             # Raw bytes, as they come: server-sent events must not wait in a buffer.
             async for chunk in stream:
+                counted.from_agent.inc(len(chunk))
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
 
@@ -228,6 +233,7 @@ class SessionProxy:
         manager: SessionManager,
         session: Session,
         upstream: tuple[str, int],
+        counted: Metrics,
     ) -> None:
         # access.py has refused a page of another origin already.
         browser = WebSocket(scope, receive, send)
@@ -244,6 +250,7 @@ class SessionProxy:
             await browser.close(code=1011, reason=f"OpenCode refused: {exc}"[:120])
             return
         await browser.accept()
+        counted.websockets.inc()
 
         async def to_opencode() -> None:
             while True:
@@ -252,10 +259,12 @@ class SessionProxy:
                     return
                 manager.touch(session)  # terminal input is activity
                 data = message.get("bytes") or message.get("text") or ""
+                counted.to_agent.inc(_size(data))
                 await opencode.send(data)
 
         async def to_browser() -> None:
             async for data in opencode:
+                counted.from_agent.inc(_size(data))
                 if isinstance(data, bytes):
                     await browser.send_bytes(data)
                 else:
@@ -295,6 +304,10 @@ def _close_for_browser(opencode: ClientConnection) -> tuple[int, str]:
     printable = "".join(c for c in received.reason if c.isprintable())
     reason = f"OpenCode: {printable}" if printable else ""
     return code, reason.encode()[:120].decode(errors="ignore")  # a close reason: 123 bytes
+
+
+def _size(frame: str | bytes) -> int:
+    return len(frame) if isinstance(frame, bytes) else len(frame.encode())
 
 
 def _sandboxed(send: Send) -> Send:
@@ -399,7 +412,7 @@ async def _landing(send: Send, path: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _body(receive: Receive, sent: asyncio.Event) -> AsyncIterator[bytes]:
+async def _body(receive: Receive, sent: asyncio.Event, counted: Metrics) -> AsyncIterator[bytes]:
     """The request's body, as it comes; `sent` is set once it has all come."""
     try:
         while True:
@@ -407,7 +420,9 @@ async def _body(receive: Receive, sent: asyncio.Event) -> AsyncIterator[bytes]:
             if message["type"] != "http.request":
                 # Gone mid-upload: abort, so OpenCode never takes half a body for a whole one.
                 raise OSError("the client went away before its request body ended")
-            yield message.get("body", b"")
+            chunk = message.get("body", b"")
+            counted.to_agent.inc(len(chunk))
+            yield chunk
             if not message.get("more_body"):
                 return
     finally:

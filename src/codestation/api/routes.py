@@ -19,11 +19,12 @@ from starlette.types import Receive, Scope, Send
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from codestation import __version__, prompts
-from codestation.api.access import caller
+from codestation.api.access import SCRAPER, caller
 from codestation.changes import Changes
-from codestation.errors import SessionNotFound, TooManyStreams, Unauthorized
+from codestation.errors import Forbidden, SessionNotFound, TooManyStreams, Unauthorized
 from codestation.identity import Caller
 from codestation.manager import SessionManager
+from codestation.metrics import CONTENT_TYPE
 from codestation.schemas import (
     AbortResponse,
     Auth,
@@ -433,6 +434,18 @@ async def healthz(manager: Manager) -> Health:
         version=__version__,
         capacity=Capacity(**manager.capacity()),
     )
+
+
+@router.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+async def metrics(request: Request, who: CallerDep) -> Response:
+    """The service's metrics in Prometheus' text format: for an admin's token, or
+    `metrics_token`."""
+    if not (who.admin or who is SCRAPER):
+        raise Forbidden(
+            "the metrics are for an admin's token, or the service's metrics_token; ask an "
+            "admin for one of those."
+        )
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 router.include_router(code)

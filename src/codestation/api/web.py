@@ -2,8 +2,9 @@
 their static files.
 
 The pages are plain HTML and ES modules in `codestation/web`; xterm.js and Swagger UI come from
-npm (the repository's package.json, installed by `scripts/setup.sh`) and are served from
-node_modules, on this origin: nothing is loaded from a CDN.
+npm (the repository's package.json) and are served on this origin, nothing from a CDN: from
+`codestation/web/vendor` in an installed wheel (put there when it was built: hatch_build.py),
+else from a source checkout's node_modules (installed by `scripts/setup.sh`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 PAGES = Path(str(resources.files("codestation") / "web"))
+PACKAGED = PAGES / "vendor"
 # A source checkout: src/codestation/api/web.py -> the repository's node_modules.
 NODE_MODULES = Path(__file__).resolve().parents[3] / "node_modules"
+VENDOR = PACKAGED if PACKAGED.is_dir() else NODE_MODULES
 
 router = APIRouter(include_in_schema=False)
 
@@ -46,5 +49,5 @@ async def docs_page() -> FileResponse:
 def mount(app: FastAPI) -> None:
     app.include_router(router)
     # The vendor mount first: /static/vendor would otherwise be looked up among the pages.
-    app.mount("/static/vendor", StaticFiles(directory=NODE_MODULES, check_dir=False), name="vendor")
+    app.mount("/static/vendor", StaticFiles(directory=VENDOR, check_dir=False), name="vendor")
     app.mount("/static", StaticFiles(directory=PAGES), name="static")
