@@ -216,6 +216,29 @@ def serve(
     )
 
 
+@app.command()
+def doctor() -> None:
+    """Check this host for sessions: what works, and how to fix what does not. Exit status 0
+    only when a session can start."""
+    import asyncio
+
+    from codestation.doctor import can_start, examine
+
+    findings = asyncio.run(examine(Settings()))
+    table = Table(show_header=False, box=None, pad_edge=False)
+    for finding in findings:
+        mark = "[green]ok[/green]" if finding.ok else "[red]no[/red]"
+        said = escape(finding.seen) + (f"\n[yellow]fix:[/yellow] {escape(finding.fix)}"
+                                       if finding.fix and not finding.ok else "")  # fmt: skip
+        table.add_row(mark, finding.name, said)
+    out.print(table)
+    if can_start(findings):
+        out.print("A session can start here.")
+        return
+    out.print("[red]No session can start here[/red]: fix what is marked `no` above.")
+    raise typer.Exit(1)
+
+
 def _sayer(form: LogFormat) -> Callable[..., None]:
     """How serve speaks before the server runs: to a person on stderr, or as log lines
     (in JSON, where stderr must hold nothing else)."""
