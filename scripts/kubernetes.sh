@@ -285,13 +285,10 @@ image() {
   local base=debian:bookworm-slim tag=codestation:local context
   docker image inspect "$base" >/dev/null 2>&1 || base=codestation-base:bookworm
   context=$(mktemp -d /var/tmp/codestation-image.XXXXXX)
-  mkdir -p "$context/app/node_modules"
-  cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/src" "$context/app/"
-  cp -r "$ROOT/node_modules/@xterm" "$ROOT/node_modules/swagger-ui-dist" "$context/app/node_modules/"
-  find "$context/app" -name __pycache__ -prune -exec rm -rf {} +
-  say "fetching codestation's dependencies as wheels"
-  "$ROOT/.venv/bin/pip" wheel -q --wheel-dir "$context/wheels" "$context/app" hatchling editables
-  rm -f "$context"/wheels/codestation-*.whl
+  say "building codestation's wheel (the web UI's front-end files in it)"
+  "$ROOT/.venv/bin/python" -m build -q --wheel --outdir "$context/wheels" "$ROOT" >/dev/null
+  say "fetching its dependencies as wheels"
+  "$ROOT/.venv/bin/pip" wheel -q --wheel-dir "$context/wheels" "$context"/wheels/codestation-*.whl
   say "building $tag on $base"
   docker build -q -f "$ROOT/deploy/Dockerfile" --build-arg "BASE=$base" -t "$tag" "$context" >/dev/null
   rm -rf "$context"
