@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 
 # Chromium abandons a navigation under way when this host's network changes, as it does each
 # time another test's sandbox gets an interface (a Docker container's veth): a known Chromium
-# trait in containers (crbug 41465264), not codestation's. Such a navigation is made again.
-NETWORK_CHANGED = "net::ERR_NETWORK_CHANGED"
+# trait in containers (crbug 41465264), not codestation's. It says so, or, where a page's
+# script had begun the next navigation, shows its error page (which reloads by itself; the
+# service's log shows the page served in the end). Such a navigation is made again.
 ERROR_PAGE = "chrome-error://"  # Chromium's own page for a navigation that failed
+ABANDONED = ("net::ERR_NETWORK_CHANGED", f'interrupted by another navigation to "{ERROR_PAGE}')
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
@@ -89,7 +91,7 @@ def _steady_navigation(page: Page, attempts: int = 3) -> None:
             try:
                 return goto(url, **options)
             except PlaywrightError as exc:
-                if NETWORK_CHANGED not in str(exc) or attempt == attempts - 1:
+                if not any(s in str(exc) for s in ABANDONED) or attempt == attempts - 1:
                     raise
         return None  # not reached: the last attempt returns or raises
 
