@@ -35,6 +35,7 @@ from codestation.agent import CONTAINER_PORT, OFFLINE_ENV, serve_args
 from codestation.config import Settings
 from codestation.image import ensure_image
 from cold_start import Served, p95, project, served, wait_healthy
+from proxy import timed
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "kubernetes.sh"
 # A session's limits (CODESTATION_LIMITS below) as the bare Pod's: two Pods fit on a 2-core
@@ -128,15 +129,6 @@ def session_start(service: Served, workspace: Path) -> float:
         elapsed = time.monotonic() - begin
         client.delete(session.id)
     return elapsed
-
-
-def timed(http: httpx.Client, path: str) -> float:
-    begin = time.perf_counter()
-    answer = http.get(path)
-    took = time.perf_counter() - begin
-    if answer.status_code != 200:
-        raise RuntimeError(f"{path}: {answer.status_code} {answer.text[:200]}")
-    return took
 
 
 def main() -> None:
