@@ -8,8 +8,7 @@
 #                                 the images named loaded from the host's Docker engine;
 #                                 prints the kubeconfig's path (idempotent)
 #   scripts/kubernetes.sh load IMAGE...   more images into the node
-#   scripts/kubernetes.sh image           codestation's own image (deploy/Dockerfile), from this
-#                                         checkout, in the host's engine; prints its tag
+#   scripts/kubernetes.sh image           codestation's own image: scripts/image.sh
 #   scripts/kubernetes.sh kubectl ARGS    kubectl, on this cluster
 #   scripts/kubernetes.sh stop    all of it, and what it left (containers, mounts, the bridge)
 #
@@ -279,22 +278,6 @@ load_images() {
   done
 }
 
-# codestation's own image, on the base the sandbox image uses (Debian's, or the one made with
-# debootstrap where no registry answers).
-image() {
-  local base=debian:bookworm-slim tag=codestation:local context
-  docker image inspect "$base" >/dev/null 2>&1 || base=codestation-base:bookworm
-  context=$(mktemp -d /var/tmp/codestation-image.XXXXXX)
-  say "building codestation's wheel (the web UI's front-end files in it)"
-  "$ROOT/.venv/bin/python" -m build -q --wheel --outdir "$context/wheels" "$ROOT" >/dev/null
-  say "fetching its dependencies as wheels"
-  "$ROOT/.venv/bin/pip" wheel -q --wheel-dir "$context/wheels" "$context"/wheels/codestation-*.whl
-  say "building $tag on $base"
-  docker build -q -f "$ROOT/deploy/Dockerfile" --build-arg "BASE=$base" -t "$tag" "$context" >/dev/null
-  rm -rf "$context"
-  echo "$tag"
-}
-
 stop() {
   # Order matters: with etcd gone first the API server hangs for about a minute.
   local name
@@ -329,7 +312,7 @@ case "${1:-}" in
   build) build ;;
   start) shift; start "$@" ;;
   load) shift; load_images "$@" ;;
-  image) image ;;
+  image) exec "$ROOT/scripts/image.sh" ;;
   stop) stop ;;
   kubectl) shift; kctl "$@" ;;
   *) echo "usage: $0 build | start [IMAGE...] | load IMAGE... | image | stop | kubectl ARGS" >&2; exit 2 ;;
