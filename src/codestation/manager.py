@@ -653,9 +653,8 @@ class SessionManager:
     def census(self, terminals: int) -> Now:
         """What is, for the metrics: sessions by status and runtime, capacity, the pool."""
         _, reserved = self.store.usage()
-        counted = collections.Counter((s.status.value, s.runtime) for s in self.store.list())
         return Now(
-            sessions=dict(counted),
+            sessions=self.store.census(),
             pool_ready=sum(self.pool.ready().values()),
             max_sessions=self.settings.max_live_sessions,
             memory_reserved=reserved,

@@ -222,6 +222,15 @@ class Store:
             ).fetchone()
         return int(count), int(memory)
 
+    def census(self) -> dict[tuple[str, str], int]:
+        """How many sessions there are of each (status, runtime), counted by SQLite: the
+        metrics ask at every scrape, and stopped sessions accumulate."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, runtime, COUNT(*) FROM sessions GROUP BY status, runtime"
+            ).fetchall()
+        return {(str(status), str(runtime)): int(count) for status, runtime, count in rows}
+
     def leased_ports(self) -> dict[int, str]:
         with self._lock:
             rows = self._db.execute("SELECT port, session_id FROM port_leases").fetchall()

@@ -64,6 +64,19 @@ def test_live_only_lists_live_sessions(store: Store) -> None:
     assert len(store.list()) == 2
 
 
+def test_the_census_counts_sessions_by_status_and_runtime(store: Store) -> None:
+    live, done, elsewhere = make(30000), make(30001), replace(make(0), runtime="kubernetes")
+    for s in (live, done, elsewhere):
+        store.create(s)
+    store.save(done.advance(Status.STOPPING))
+    store.save(store.get(done.id).advance(Status.STOPPED))  # type: ignore[union-attr]
+    assert store.census() == {
+        (live.status.value, live.runtime): 1,
+        ("stopped", done.runtime): 1,
+        (elsewhere.status.value, "kubernetes"): 1,
+    }
+
+
 def test_sessions_survive_reopening(tmp_path: Path) -> None:
     path = tmp_path / "codestation.db"
     first = Store(path)
