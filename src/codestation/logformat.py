@@ -1,7 +1,8 @@
 """How `codestation serve` writes its log: for a person (Rich at a terminal, plain lines in a
 file or a journal), or `json`: one object per line for a log pipeline, with `time` (UTC, ISO
 8601), `level`, `logger`, `event` (the message), and `session` and `user` where a line is about
-one; a request's line adds `client`, `method`, `path` and `status`.
+one; a request's line adds `client`, `method`, `path` and `status`, and `user` when a token or
+a login came with it.
 
 Request lines never carry a query string (a login link's code, a session host's ticket) and
 no line carries a header: tokens, passwords and cookies never reach the log.
@@ -13,6 +14,7 @@ import json
 import logging
 import re
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -21,6 +23,9 @@ from rich.logging import RichHandler
 LogFormat = Literal["text", "json"]
 # A session id (sessions.new_session_id), wherever a message names one.
 SESSION_ID = re.compile(r"\bcs-[a-z2-7]{16}\b")
+# Who the request being answered is from: set by the access check, read when uvicorn logs the
+# request (in the request's own task, after the check).
+REQUEST_USER: ContextVar[str | None] = ContextVar("codestation_request_user", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,9 +58,11 @@ class JsonFormatter(logging.Formatter):
 
 
 class Redact(logging.Filter):
-    """Keep query strings out of request lines, however they are encoded."""
+    """Keep query strings out of request lines, however they are encoded; name who asked."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if (user := REQUEST_USER.get()) and not hasattr(record, "user"):
+            record.user = user
         if isinstance(record.args, tuple):
             record.args = tuple(
                 a.split("?", 1)[0] + "?[query hidden]" if isinstance(a, str) and "?" in a else a

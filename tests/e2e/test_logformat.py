@@ -1,6 +1,6 @@
 """`codestation serve --log-format json` on the real service: every line it writes is one JSON
-object, a session's lines name it and its user, request lines carry no query string, and no
-token reaches the log."""
+object, a session's lines name it and its user, request lines name who asked and carry no
+query string, and no token reaches the log."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def test_every_line_is_json_naming_sessions_and_users_and_hiding_secrets(
     assert any("stopped" in line["event"] for line in about)
     requests = [line for line in lines if line["event"] == "request"]
     assert any(line["path"] == "/login?[query hidden]" for line in requests), requests
+    # Who asked: the start's request names its user; one no token came with names none.
+    [start] = [line for line in requests if line["path"] == "/api/v1/code/start"
+               and line["method"] == "POST"]  # fmt: skip
+    assert start["user"] == "admin", start
+    assert all("user" not in line for line in requests if line["path"].startswith("/login"))
     assert "csl_not_a_real_code" not in text
     assert service.token not in text
     assert session.auth.password not in text

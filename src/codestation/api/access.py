@@ -47,6 +47,7 @@ from codestation.errors import (
     UnknownHost,
 )
 from codestation.identity import Caller, new_secret
+from codestation.logformat import REQUEST_USER
 
 SERVICE_COOKIE = "codestation"
 SESSION_COOKIE = "codestation_session"
@@ -219,7 +220,11 @@ class Access:
             ))  # fmt: skip
             return
         scope["codestation.caller"] = who
-        await self.app(scope, receive, send)
+        named = REQUEST_USER.set(who.user if who is not None and who.user else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            REQUEST_USER.reset(named)
 
     def _authenticate(self, scope: Scope, session_id: str | None) -> Caller | None:
         accounts: Accounts = scope["app"].state.accounts
