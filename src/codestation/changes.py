@@ -16,7 +16,9 @@ The service runs as root and whatever writes the workspace may be hostile, so:
   followed. Files are opened O_NOFOLLOW|O_NONBLOCK (a FIFO cannot block us) and read only if
   fstat on the open descriptor says they are regular files.
 - A file with several links, not owned by the workspace's owner, is never read: it may be a hard
-  link to a file the agent could not read itself, such as /etc/shadow.
+  link to a file the agent could not read itself, such as /etc/shadow. Nor is a file whose mode
+  bits do not let the workspace's owner read it (put there by root or another user): the
+  service can read it, the person asking for the changes could not.
 - Everything is capped (`Limits`). A walk that hits a cap records the directories it could not
   list and says `partial`; nothing under them is reported added (snapshot) or deleted (report).
 
@@ -152,7 +154,8 @@ class _Walk:
         self.skipped = False  # a file neither kept nor hashed for want of budget
         fd = os.open(".", _DIR, dir_fd=root_fd)
         try:
-            self.owner = os.fstat(fd).st_uid
+            root = os.fstat(fd)
+            self.owner: tuple[int, int] = (root.st_uid, root.st_gid)
             self._list(fd, "", 0)
         finally:
             os.close(fd)
@@ -401,12 +404,24 @@ def _covers(entries: dict[str, _Entry], unlisted: set[str], path: str) -> bool:
     return "" not in unlisted
 
 
-def _refusal(st: os.stat_result, owner: int) -> str | None:
-    """Why a file opened in the workspace must not be read, if it must not."""
+def _refusal(st: os.stat_result, owner: tuple[int, int]) -> str | None:
+    """Why a file opened in the workspace must not be read, if it must not. `owner`: the
+    workspace's uid and gid, whom the agent runs as."""
     if not stat.S_ISREG(st.st_mode):
         return _CHANGING
-    if st.st_nlink > 1 and st.st_uid != owner:
+    uid, gid = owner
+    if st.st_nlink > 1 and st.st_uid != uid:
         return "not read: a hard link to a file of another owner"
+    # By its mode bits, as the kernel would judge the workspace's owner (its other groups
+    # unknown here: a file only they open is shown without its content).
+    if st.st_uid == uid:
+        readable = st.st_mode & stat.S_IRUSR
+    elif st.st_gid == gid:
+        readable = st.st_mode & stat.S_IRGRP
+    else:
+        readable = st.st_mode & stat.S_IROTH
+    if not readable:
+        return "not read: the workspace's owner may not read it"
     return None
 
 

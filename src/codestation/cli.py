@@ -267,7 +267,10 @@ def _first_admin(settings: Settings, say: Callable[..., None]) -> None:
             return
         token, secret = accounts.create_token("admin", admin=True, note="made at first start")
         raw = secret.get_secret_value()
-        code = accounts.login_code(token.id).get_secret_value()
+        # systemd's journal is readable by more than root (the adm and systemd-journal
+        # groups): an admin's login link is never written there.
+        journal = bool(os.environ.get("JOURNAL_STREAM"))
+        code = None if journal else accounts.login_code(token.id).get_secret_value()
         path = settings.token_file
         current = path.read_text().strip() if path.is_file() else ""
         if not current or accounts.by_token(current) is None:
@@ -281,6 +284,13 @@ def _first_admin(settings: Settings, say: Callable[..., None]) -> None:
             saved = ""
     finally:
         store.close()
+    if code is None:
+        say(
+            f"codestation: made the admin token {token.id}{saved}. `codestation token link "
+            f"{token.id}`, run as this service's user, makes a one-time login link (this log "
+            "is the journal, which others may read: no link is written here)."
+        )
+        return
     say(
         f"codestation: made the admin token {token.id}{saved}. Log in with this one-time link "
         f"(valid {CODE_MINUTES:g} minutes; `codestation token link {token.id}` makes another):"

@@ -51,7 +51,7 @@ async def examine(settings: Settings) -> list[Finding]:
         else:
             how = "chosen automatically" if settings.runtime == "auto" else "as configured"
             findings.append(Finding("sessions run in", True, f"{chosen} ({how})", needed=True))
-        findings += [_namespaces(), _cgroups(settings), _data_dir(settings)]
+        findings += [_namespaces(), _cgroups(settings), _data_dir(settings), _cache(settings)]
         if chosen is None or runtimes[chosen].local:
             findings.append(_ports(settings))
         findings.append(_opencode(settings))
@@ -121,6 +121,33 @@ def _data_dir(settings: Settings) -> Finding:
                        f"{path} is mode {mode:o}: others may read the store's passwords",
                        f"chmod 700 {path}", True)  # fmt: skip
     return Finding("data directory", True, f"{path} (mode {mode:o})", needed=True)
+
+
+def _cache(settings: Settings) -> Finding:
+    """Whoever may write the cache chooses what every sandbox runs: OpenCode's binary, and the
+    configuration directory (its plugins) mounted into each."""
+    me = os.geteuid()
+    top = settings.cache_dir / "opencode" / settings.opencode_version
+    paths = [settings.cache_dir, settings.cache_dir / "opencode", top]
+    for folder, dirs, files in os.walk(top):
+        paths += [Path(folder, name) for name in (*dirs, *files)]
+    for path in paths:
+        try:
+            found = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(found.st_mode):
+            continue
+        mode = stat.S_IMODE(found.st_mode)
+        if found.st_uid not in (0, me) or mode & 0o022:
+            return Finding(
+                "cache directory", False,
+                f"{path} belongs to uid {found.st_uid}, mode {mode:o}: whoever may write it "
+                "chooses what every sandbox runs",
+                f"chown -R {me} {settings.cache_dir} && chmod -R go-w {settings.cache_dir}",
+            )  # fmt: skip
+    seen = f"{settings.cache_dir} (only its owner and root write it)"
+    return Finding("cache directory", True, seen)
 
 
 def _ports(settings: Settings) -> Finding:

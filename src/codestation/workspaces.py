@@ -108,9 +108,12 @@ def open_workspace(raw: str, allowed_roots: list[Path], reserved: list[Path]) ->
     """Check `raw` and open it, or raise WorkspaceRejected saying what to fix.
 
     Symlinks are resolved before the root check, so a link inside an allowed root that points
-    outside it is refused. A directory holding one of codestation's own directories
-    (`reserved`: its data, cache, config, installation), or lying inside one, is refused: the
-    agent would see other sessions' credentials or could change the code later sessions run.
+    outside it is refused. Whatever lies outside the roots gets one answer, whether it exists,
+    is a file or a directory: the service may see directories its callers may not enter (as
+    root, or with CAP_DAC_READ_SEARCH), and its errors must not map them. A directory holding
+    one of codestation's own directories (`reserved`: its data, cache, config, installation), or
+    lying inside one, is refused: the agent would see other sessions' credentials or could
+    change the code later sessions run.
     """
     if not raw or not raw.strip():
         raise WorkspaceRejected("workspace is empty; give the absolute path of a directory.")
@@ -128,20 +131,25 @@ def open_workspace(raw: str, allowed_roots: list[Path], reserved: list[Path]) ->
             f"workspace {raw!r} is relative; give an absolute path such as /home/me/project."
         )
     try:
-        real = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise WorkspaceRejected(f"workspace {raw!r} does not exist; create it first.") from None
-    except (OSError, RuntimeError) as exc:  # permission denied, symlink loop
-        raise WorkspaceRejected(f"workspace {raw!r} cannot be resolved: {exc}.") from None
-    if not real.is_dir():
-        raise WorkspaceRejected(f"workspace {raw!r} is not a directory.")
-    shown = f"{raw!r}" if str(real) == raw else f"{raw!r} (really {real})"
-    if not any(real == root or real.is_relative_to(root) for root in allowed_roots):
+        real = path.resolve()  # where it leads, whether or not that exists
+    except (OSError, RuntimeError):  # a symlink loop
+        real = None
+    if real is None or not any(real == r or real.is_relative_to(r) for r in allowed_roots):
         roots = ", ".join(str(r) for r in allowed_roots)
         raise WorkspaceRejected(
-            f"workspace {shown} is outside the allowed roots ({roots}); choose a directory inside "
-            "one of them or add its parent to allowed_roots (CODESTATION_ALLOWED_ROOTS)."
+            f"workspace {raw!r} is outside the allowed roots ({roots}) once its symlinks are "
+            "followed; choose a directory inside one of them or add its parent to "
+            "allowed_roots (CODESTATION_ALLOWED_ROOTS)."
         )
+    try:
+        found = real.stat()
+    except FileNotFoundError:
+        raise WorkspaceRejected(f"workspace {raw!r} does not exist; create it first.") from None
+    except OSError as exc:  # permission denied
+        raise WorkspaceRejected(f"workspace {raw!r} cannot be read: {exc.strerror}.") from None
+    if not stat.S_ISDIR(found.st_mode):
+        raise WorkspaceRejected(f"workspace {raw!r} is not a directory.")
+    shown = f"{raw!r}" if str(real) == raw else f"{raw!r} (really {real})"
     for own in reserved:
         if own == real or own.is_relative_to(real) or real.is_relative_to(own):
             kind = "lies inside" if real.is_relative_to(own) and own != real else "holds"

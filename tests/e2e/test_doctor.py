@@ -29,7 +29,8 @@ def test_this_host_can_start_sessions(tmp_path: Path) -> None:
     said = doctor(tmp_path)
     assert said.returncode == 0, said.stdout + said.stderr
     for name in ("runtime docker", "runtime bwrap", "sessions run in", "user namespaces",
-                 "cgroups", "data directory", "ports", "OpenCode", "sandbox image"):  # fmt: skip
+                 "cgroups", "data directory", "cache directory", "ports", "OpenCode",
+                 "sandbox image"):  # fmt: skip
         assert name in said.stdout, name
     assert " no " not in said.stdout
     assert "A session can start here." in said.stdout
@@ -67,3 +68,27 @@ def test_a_port_range_all_held_is_named(tmp_path: Path) -> None:
         said = doctor(tmp_path, port_range_start=str(start), port_range_end=str(start))
     assert said.returncode == 1
     assert f"0 of 1 free in {start}-{start}" in said.stdout
+
+
+def test_a_cache_others_may_write_is_named(tmp_path: Path) -> None:
+    """What the cache holds runs in every sandbox: OpenCode and its configuration's plugins."""
+    cache = tmp_path / "cache"
+    plugins = cache / "opencode" / "1.0.0" / "config-2" / "opencode" / "node_modules"
+    plugins.mkdir(parents=True)
+    (plugins / "index.js").write_text("// a plugin\n")
+    (plugins / "index.js").chmod(0o664)
+    said = doctor(tmp_path, cache_dir=str(cache), opencode_version="1.0.0")
+    text = " ".join(said.stdout.split())  # long paths wrap
+    assert "cache directory" in text
+    assert f"{plugins / 'index.js'} belongs to uid {os.geteuid()}, mode 664" in text
+    assert f"chmod -R go-w {cache}" in text
+
+    (plugins / "index.js").chmod(0o644)
+    os.chown(plugins, 4242, 4242)
+    said = doctor(tmp_path, cache_dir=str(cache), opencode_version="1.0.0")
+    assert f"{plugins} belongs to uid 4242" in " ".join(said.stdout.split())
+
+    os.chown(plugins, os.geteuid(), os.getegid())
+    said = doctor(tmp_path, cache_dir=str(cache), opencode_version="1.0.0")
+    assert "cache directory" in said.stdout
+    assert "only its owner and root write it" in said.stdout

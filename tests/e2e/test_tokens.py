@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from codestation import Client, Unauthorized
-from tests.e2e.conftest import Service
+from tests.e2e.conftest import Service, ServiceFactory
 
 pytestmark = pytest.mark.runtimes("bwrap")
 
@@ -31,6 +31,20 @@ def test_the_first_start_makes_one_admin_and_prints_its_link_once(service: Servi
     assert re.findall(r"/login\?token=", service.log.read_text()) == ["/login?token="]
     users = json.loads(service.cli("user", "ls", "--json").stdout)
     assert [(u["user"], u["admin"], u["tokens"]) for u in users] == [("admin", True, 1)]
+
+
+def test_under_systemd_the_first_start_writes_no_login_link_to_the_journal(
+    launch_service: ServiceFactory,
+) -> None:
+    """systemd sets JOURNAL_STREAM when the log is the journal, which the adm and
+    systemd-journal groups read: the one-time link would be anyone's of them."""
+    service = launch_service(runtime="bwrap", env={"JOURNAL_STREAM": "8:12345"})
+    log = service.log.read_text()
+    assert "/login?token=" not in log
+    token_id = service.token.split("_")[1]
+    assert f"`codestation token link {token_id}`" in log
+    link = service.login_link()  # as the README says to make one
+    assert "/login?token=csl_" in link
 
 
 def test_create_list_revoke_with_the_service_running_or_not(service: Service) -> None:

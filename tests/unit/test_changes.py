@@ -395,6 +395,29 @@ def test_a_hard_link_to_another_user_s_file_is_never_read(
     assert "swordfish" not in stolen.model_dump_json()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making another user's file needs root")
+def test_a_file_the_workspace_s_owner_may_not_read_is_never_read(ws: Path, store: Path) -> None:
+    os.chown(ws, 1000, 1000)  # the workspace's owner, whom the agent runs as
+    take(ws, store)
+    for name, (uid, gid, mode) in {
+        "root-only": (0, 0, 0o600),
+        "their-group": (4242, 1000, 0o640),  # the owner's group may read it
+        "another-group": (4242, 4242, 0o640),
+        "everyone": (4242, 4242, 0o644),
+        "own-unreadable": (1000, 1000, 0o200),
+    }.items():
+        write(ws / name, f"the password is swordfish {name}\n")
+        os.chown(ws / name, uid, gid)
+        (ws / name).chmod(mode)
+    files = {f.path: f for f in report(ws, store).files}
+    for name in ("root-only", "another-group", "own-unreadable"):
+        assert files[name].diff is None, name
+        assert "may not read" in (files[name].note or ""), name
+        assert "swordfish" not in files[name].model_dump_json()
+    for name in ("their-group", "everyone"):
+        assert "swordfish" in (files[name].diff or ""), name
+
+
 def test_the_store_is_private_and_discard_is_idempotent(ws: Path, store: Path) -> None:
     write(ws / "a.txt", "x\n")
     take(ws, store)

@@ -33,7 +33,7 @@ def test_a_directory_inside_a_root_is_accepted_and_held_open(root: Path) -> None
     [
         ("", "empty"),
         ("project", "relative"),
-        ("/definitely/not/here", "does not exist"),
+        ("/definitely/not/here", "outside the allowed roots"),
         ("/etc", "outside the allowed roots"),
         ("/tmp/x\x00y", "NUL"),
         ("/tmp/x\ud800", "not valid text"),
@@ -51,11 +51,40 @@ def test_a_file_is_not_a_workspace(root: Path) -> None:
         check(str(f), root)
 
 
+def test_a_missing_directory_inside_a_root_is_named_missing(root: Path) -> None:
+    with pytest.raises(WorkspaceRejected, match="does not exist"):
+        check(str(root / "missing"), root)
+
+
 def test_a_symlink_out_of_the_root_is_resolved_and_rejected(root: Path) -> None:
     link = root / "escape"
     os.symlink("/etc", link)
-    with pytest.raises(WorkspaceRejected, match=r"really /etc"):
+    with pytest.raises(WorkspaceRejected, match="outside the allowed roots") as refused:
         check(str(link), root)
+    assert "/etc" not in str(refused.value)  # where it leads is not told
+
+
+def test_what_lies_outside_the_roots_gets_one_answer_whatever_it_is(
+    root: Path, tmp_path: Path
+) -> None:
+    """The service may enter directories its caller may not: its answers must not tell what
+    is there (a directory, a file, nothing, where a symlink leads)."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "dir").mkdir(parents=True)
+    (elsewhere / "file").write_text("x")
+    os.symlink(elsewhere / "dir", elsewhere / "link")
+    os.symlink(elsewhere / "loop", elsewhere / "loop")
+    for target in ("dir", "missing", "loop"):
+        os.symlink(elsewhere / target, root / f"to-{target}")
+    answers = set()
+    for raw in [
+        *(str(elsewhere / n) for n in ("dir", "file", "missing", "link", "loop", "dir/../file")),
+        *(str(root / f"to-{t}") for t in ("dir", "missing", "loop")),
+    ]:
+        with pytest.raises(WorkspaceRejected) as refused:
+            check(raw, root)
+        answers.add(str(refused.value).replace(repr(raw), "RAW"))
+    assert len(answers) == 1, answers
 
 
 def test_a_symlink_within_the_root_is_accepted(root: Path) -> None:
