@@ -27,6 +27,8 @@ import httpx
 import pytest
 
 from codestation import Client, Status
+from codestation.config import Settings
+from codestation.image import FALLBACK_BASE
 from codestation.runtimes.docker import LABEL_DATA_DIR
 from tests.e2e.conftest import free_port, free_range
 
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # mounts from there, so they are these paths on this host too.
 STATE, CACHE = Path("/var/lib/codestation"), Path("/var/cache/codestation")
 OWNER = 1000  # a workspace's owner, a person on the host
+DEBIAN = "debian:bookworm-slim"
 
 # A Debian host that boots systemd, in a container: the engine's group as its package makes it,
 # systemd's units that would change the host's kernel (shared with this one) masked, and the
@@ -59,18 +62,16 @@ CMD ["/boot.sh"]
 
 
 def base_image(engine: docker.DockerClient) -> str:
-    """Debian's image where the engine has or can pull it, else the one codestation makes."""
-    for name in ("debian:bookworm-slim",):
+    """Debian's image where the engine has or can pull it, else the one codestation makes (as
+    the sandbox image's build does)."""
+    try:
+        engine.images.get(DEBIAN)
+    except docker.errors.ImageNotFound:
         try:
-            engine.images.get(name)
-            return name
-        except docker.errors.ImageNotFound:
-            try:
-                engine.images.pull(name)
-                return name
-            except docker.errors.APIError:
-                pass
-    return "codestation-base:bookworm"
+            engine.images.pull(DEBIAN)
+        except docker.errors.APIError:
+            return FALLBACK_BASE
+    return DEBIAN
 
 
 def run(*argv: str | Path, timeout: float = 600) -> str:
@@ -268,10 +269,7 @@ def test_the_systemd_unit_serves_as_its_own_hardened_user_and_its_sessions_survi
     # Nothing to fetch: an empty cache is filled with npm, which this host has not.
     assert prepared.returncode != 0
     assert "npm" in prepared.stderr, prepared.stderr
-    for child in ("opencode",):
-        shutil.copytree(
-            Path("~/.cache/codestation").expanduser() / child, CACHE / child, symlinks=True
-        )
+    shutil.copytree(Settings().cache_dir / "opencode", CACHE / "opencode", symlinks=True)
     on_host("chown", "-R", "codestation:codestation", str(CACHE))
     prepared = subprocess.run([*as_service, "prepare"], capture_output=True, text=True)
     assert prepared.returncode == 0, prepared.stderr
